@@ -1,0 +1,32 @@
+"""mgs_kernels: fast, exact Modular Gradient Surgery (per-module PCGrad) for multi-task training.
+
+Kernel level: ``segmented_gram``, ``pcgrad_weights``, ``segmented_combine``, ``modular_pcgrad``,
+``random_order``. Model level: ``ModularGradientSurgery``. Baseline: ``mgs_kernels.reference``.
+"""
+
+from ._errors import BackendUnavailableError, MGSInputError
+from .backends import available_backends
+from .ops import modular_pcgrad, pcgrad_weights, segmented_combine, segmented_gram
+from .order import fixed_order, random_order
+from .partition import Partition, build_partition
+from .stats import SurgeryStats
+from .surgery import ModularGradientSurgery
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "segmented_gram",
+    "pcgrad_weights",
+    "segmented_combine",
+    "modular_pcgrad",
+    "random_order",
+    "fixed_order",
+    "ModularGradientSurgery",
+    "SurgeryStats",
+    "Partition",
+    "build_partition",
+    "available_backends",
+    "MGSInputError",
+    "BackendUnavailableError",
+    "__version__",
+]

@@ -1,0 +1,241 @@
+"""Model-level API: capture true per-task gradients into one flat [T, N] buffer, then resolve them
+with modular PCGrad straight into ``param.grad``."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import backends
+from ._errors import MGSInputError
+from ._validate import check_eps
+from .order import check_order, fixed_order, random_order
+from .partition import ExcludeSpec, PartitionSpec, build_partition
+from .stats import SurgeryStats
+
+
+class ModularGradientSurgery:
+    """Per-module PCGrad for a model trained on ``num_tasks`` tasks.
+
+    Two ways to use it::
+
+        s = ModularGradientSurgery(model, num_tasks=3, partition="module")
+        stats = s.backward([loss_math, loss_code, loss_chat])   # result left in p.grad
+        optimizer.step()
+
+        with s.capture(task):       # any number of backward calls per task (micro-batches accumulate)
+            loss.backward()
+        stats = s.resolve()         # combined gradient written into p.grad; optimizer untouched
+
+    Args:
+        model: the module whose trainable parameters get surgery (one device).
+        num_tasks: T >= 1.
+        partition: "tensor" | "module" | "layer" | "global" | callable name -> key (see ``partition``).
+        order: "random" (reproducible from ``seed``, a fresh draw every step), "fixed", or an int64
+            table [M, T, T-1] used every step.
+        seed: seed of the random order (drawn on the CPU, so every device and rank sees one table).
+        dtype: storage dtype of the task buffer (default: the parameters' dtype if they share one,
+            else float32). When it equals the parameters' dtype, gradients land in the buffer with no
+            copy: ``p.grad`` points at views of the task's row while a task is captured.
+        backend: "auto" | "torch" | "cpu" | "cuda" | "triton".
+        exclude: module-name patterns that get the plain sum (see ``build_partition``).
+        eps: conflict test ``g_i' . g_j < 0 and |g_j|^2 > eps``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_tasks: int,
+        partition: PartitionSpec = "tensor",
+        order: Union[str, torch.Tensor] = "random",
+        seed: int = 0,
+        dtype: Optional[torch.dtype] = None,
+        backend: str = "auto",
+        exclude: ExcludeSpec = None,
+        eps: float = 0.0,
+    ):
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+            raise MGSInputError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
+        self.model = model
+        self.num_tasks = num_tasks
+        self.partition = build_partition(model, partition, exclude)
+        self.eps = check_eps(eps)
+        slots = self.partition.slots
+        devices = {s.param.device for s in slots}
+        if len(devices) != 1:
+            raise MGSInputError(f"all trainable parameters must be on one device, found {sorted(map(str, devices))}")
+        self.device = devices.pop()
+        param_dtypes = {s.param.dtype for s in slots}
+        if dtype is None:
+            dtype = param_dtypes.pop() if len(param_dtypes) == 1 else torch.float32
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise MGSInputError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.dtype = dtype
+        # Zero-copy capture needs p.grad (which must have p's dtype) to be a view of the buffer.
+        self._zero_copy = all(s.param.dtype == dtype for s in slots)
+        M, T, N = self.partition.num_modules, num_tasks, self.partition.numel
+        self.backend = backend
+        self._backend = backends.get_backend(backend, self.device)
+        if isinstance(order, torch.Tensor):
+            check_order(order, M, T, order.device)
+            order = order.to(self.device)
+        elif order not in ("random", "fixed"):
+            raise MGSInputError(f"order must be 'random', 'fixed' or an int64 tensor [M, T, T-1], got {order!r}")
+        self.order = order
+        self._generator = torch.Generator().manual_seed(seed)
+        self._fixed_order = fixed_order(M, T, device=self.device) if order == "fixed" else None
+
+        self.buffer = torch.zeros(T, N, dtype=dtype, device=self.device)
+        self._out: Optional[torch.Tensor] = None
+        self._excluded = torch.tensor(self.partition.excluded, dtype=torch.bool, device=self.device)
+        self._row_views: List[List[torch.Tensor]] = [
+            [self.buffer[t, s.start : s.end].view(s.param.shape) for s in slots] for t in range(T)
+        ]
+        self._touched = [False] * len(slots)
+        self._captured_tasks = set()
+        self._task: Optional[int] = None
+        self._stale = False  # set by resolve(): the next capture starts a new step
+        self._hooks = [
+            s.param.register_post_accumulate_grad_hook(self._make_hook(i)) for i, s in enumerate(slots)
+        ]
+
+    # ------------------------------------------------------------------ capture
+    def _make_hook(self, index: int):
+        def hook(param: torch.Tensor) -> None:
+            task = self._task
+            if task is None:
+                return  # a backward outside any capture window is none of our business
+            self._touched[index] = True
+            view = self._row_views[task][index]
+            grad = param.grad
+            if grad is view or (grad.data_ptr() == view.data_ptr() and grad.shape == view.shape
+                                and grad.dtype == view.dtype):
+                return
+            # Not our view: the copy path (buffer dtype != param dtype), or someone replaced p.grad
+            # (set_to_none, create_graph). Fold the gradient into the task row and keep capturing.
+            view.add_(grad.to(view.dtype) if grad.dtype != view.dtype else grad)
+            param.grad = view if self._zero_copy else None
+
+        return hook
+
+    def _check_task(self, task) -> int:
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise MGSInputError(f"task id must be an int in [0, {self.num_tasks}), got {task!r}")
+        if not 0 <= task < self.num_tasks:
+            raise MGSInputError(f"task id {task} out of range: num_tasks is {self.num_tasks}")
+        return task
+
+    @contextlib.contextmanager
+    def capture(self, task: int) -> Iterator[None]:
+        """Inside this window, every backward adds into task ``task``'s gradient.
+
+        Windows for the same task accumulate (micro-batches, interleaved tasks); the first window
+        after a ``resolve()`` starts a new step with all task gradients at zero.
+        """
+        self._check_task(task)
+        if self._task is not None:
+            raise MGSInputError(f"capture({task}) inside capture({self._task}): windows cannot nest")
+        if self._stale:
+            self._reset()
+        self._task = task
+        self._captured_tasks.add(task)
+        slots = self.partition.slots
+        if self._zero_copy:
+            for s, view in zip(slots, self._row_views[task]):
+                s.param.grad = view
+        else:
+            for s in slots:
+                s.param.grad = None
+        try:
+            yield
+        finally:
+            self._task = None
+            for s in slots:
+                s.param.grad = None
+
+    def _reset(self) -> None:
+        self.buffer.zero_()
+        self._touched = [False] * len(self._touched)
+        self._captured_tasks = set()
+        self._stale = False
+
+    def zero_grad(self) -> None:
+        """Forget every captured gradient and set ``p.grad = None`` for the partition's parameters."""
+        if self._task is not None:
+            raise MGSInputError("zero_grad() inside a capture window")
+        self._reset()
+        for s in self.partition.slots:
+            s.param.grad = None
+
+    # ------------------------------------------------------------------ resolve
+    def _order_table(self) -> torch.Tensor:
+        M, T = self.partition.num_modules, self.num_tasks
+        if isinstance(self.order, torch.Tensor):
+            return self.order
+        if self._fixed_order is not None:
+            return self._fixed_order
+        table = random_order(M, T, generator=self._generator)
+        if self.device.type == "cuda":
+            table = table.pin_memory()
+        return table.to(self.device, non_blocking=True)
+
+    def resolve(self) -> SurgeryStats:
+        """Combine the captured task gradients with modular PCGrad into ``p.grad``.
+
+        Parameters that got a gradient from no task keep ``grad = None``. Returns the step's stats.
+        """
+        if self._task is not None:
+            raise MGSInputError("resolve() inside a capture window")
+        be = self._backend
+        plan = self.partition.plan
+        gram = be.segmented_gram(self.buffer, plan)
+        weights = be.pcgrad_weights(gram, self._order_table(), self.eps)
+        weights = torch.where(self._excluded.unsqueeze(1), torch.ones_like(weights), weights)
+        if self._out is None:
+            self._out = torch.empty(self.partition.numel, dtype=self.dtype, device=self.device)
+        be.segmented_combine(self.buffer, plan, weights, self._out)
+        for s, touched in zip(self.partition.slots, self._touched):
+            if not touched:
+                s.param.grad = None
+                continue
+            view = self._out[s.start : s.end].view(s.param.shape)
+            s.param.grad = view if self._zero_copy else view.to(s.param.dtype)
+        self._stale = True
+        return SurgeryStats(gram, weights, self.partition.names, self.partition.kinds, self._excluded)
+
+    def backward(self, losses: Union[Sequence[torch.Tensor], torch.Tensor]) -> SurgeryStats:
+        """One scalar loss per task: backpropagate each into its task's gradient, then ``resolve()``.
+
+        The losses may share one forward graph (it is retained until the last task).
+        """
+        if isinstance(losses, torch.Tensor):
+            if losses.dim() != 1:
+                raise MGSInputError(f"losses must be a sequence of T scalars or a 1-D tensor [T], got shape {tuple(losses.shape)}")
+            losses = list(losses.unbind(0))
+        losses = list(losses)
+        if len(losses) != self.num_tasks:
+            raise MGSInputError(f"got {len(losses)} losses but num_tasks is {self.num_tasks}")
+        for t, loss in enumerate(losses):
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise MGSInputError(f"loss of task {t} must be a scalar tensor, got {type(loss).__name__}"
+                                    f"{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+            if not loss.requires_grad:
+                raise MGSInputError(f"loss of task {t} does not require grad (no path to any parameter)")
+        self.zero_grad()
+        for t, loss in enumerate(losses):
+            with self.capture(t):
+                loss.backward(retain_graph=t < len(losses) - 1)
+        return self.resolve()
+
+    def remove(self) -> None:
+        """Detach the gradient hooks from the model's parameters."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    @property
+    def module_names(self) -> List[str]:
+        return self.partition.names
