@@ -101,7 +101,7 @@ def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor, eps: float = 0.0) ->
 
 
 def decision_margin(gram: torch.Tensor, order: torch.Tensor, eps: float = 0.0) -> float:
-    """Smallest |g_i' . g_j| / (|g_i'| |g_j|) over all conflict tests of the solve (float64).
+    """Smallest |g_i' . g_j| / (|g_i| |g_j|) over all conflict tests of the solve (float64).
 
     Tests use it to skip inputs whose PCGrad branch decisions sit on a knife edge, where float32 and
     float64 may legitimately disagree.
@@ -117,7 +117,7 @@ def decision_margin(gram: torch.Tensor, order: torch.Tensor, eps: float = 0.0) -
             for j in table[m][i]:
                 d = float(c @ g[m, :, j])
                 gjj = float(g[m, j, j])
-                norm_i = float(c @ g[m] @ c) ** 0.5
+                norm_i = max(float(g[m, i, i]), 0.0) ** 0.5
                 if gjj > eps and norm_i > 0:
                     margin = min(margin, abs(d) / (norm_i * gjj**0.5))
                 if d < 0 and gjj > eps:

@@ -1,0 +1,69 @@
+"""Shared test helpers: random layouts of odd sizes and comparison against the float64 reference."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import List
+
+import pytest
+import torch
+
+from mgs_kernels import reference
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def random_sizes(rng: random.Random, num_modules: int, max_size: int = 300, empty_prob: float = 0.2) -> List[int]:
+    """Module sizes with odd values and some empty modules."""
+    return [0 if rng.random() < empty_prob else rng.randint(1, max_size) for _ in range(num_modules)]
+
+
+def offsets_from_sizes(sizes: List[int]) -> torch.Tensor:
+    off = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+    if sizes:
+        off[1:] = torch.cumsum(torch.tensor(sizes, dtype=torch.int64), 0)
+    return off
+
+
+def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, offsets: torch.Tensor, rtol: float) -> None:
+    """|out - ref| <= rtol * (max |ref| of the module + tiny), module by module."""
+    out = out.double().cpu()
+    ref = ref.double().cpu()
+    assert torch.isfinite(out).all() == torch.isfinite(ref).all()
+    bounds = offsets.tolist()
+    for m in range(len(bounds) - 1):
+        a, b = bounds[m], bounds[m + 1]
+        if a == b:
+            continue
+        scale = ref[a:b].abs().max().item() + 1e-30
+        err = (out[a:b] - ref[a:b]).abs().max().item()
+        assert err <= rtol * scale, f"module {m} [{a}:{b}]: max error {err:.3e} > {rtol:.1e} * {scale:.3e}"
+
+
+def storage_rtol(dtype: torch.dtype) -> float:
+    """Tolerance for a result stored in ``dtype`` (the reference sees the same stored inputs)."""
+    return {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+
+
+@pytest.fixture
+def rng(request):
+    seed = int(os.environ.get("MGS_TEST_SEED", random.randrange(1 << 30)))
+    # Print the seed on failure so a fresh-random failure can be replayed with MGS_TEST_SEED.
+    request.node.user_properties.append(("seed", seed))
+    print(f"MGS_TEST_SEED={seed}")
+    torch.manual_seed(seed)
+    return random.Random(seed)
+
+
+def reference_result(grads: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    return reference.modular_pcgrad(grads, offsets, order=order, eps=eps, dtype=torch.float64)
