@@ -6,6 +6,7 @@ Kernel level: ``segmented_gram``, ``pcgrad_weights``, ``segmented_combine``, ``m
 
 from ._errors import BackendUnavailableError, MGSInputError
 from .backends import available_backends
+from .diagnostics import NormEMA, proportional_sampling_weights, select_modules, unbiased_sq_norm
 from .ops import modular_pcgrad, pcgrad_weights, segmented_combine, segmented_gram
 from .order import fixed_order, random_order
 from .partition import Partition, build_partition
@@ -26,6 +27,10 @@ __all__ = [
     "Partition",
     "build_partition",
     "available_backends",
+    "unbiased_sq_norm",
+    "proportional_sampling_weights",
+    "NormEMA",
+    "select_modules",
     "MGSInputError",
     "BackendUnavailableError",
     "__version__",

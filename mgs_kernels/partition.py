@@ -53,7 +53,9 @@ class Partition:
 
     Attributes:
         names: [M] module names.
-        kinds: [M] module types ("attn", "mlp", "norm", "embed", "head", "other") for aggregation.
+        kinds: [M] module types ("attn", "mlp", "norm", "embed", "head", "other", "mixed").
+        layers: [M] index of the transformer block holding the module (None outside blocks or when
+            a module spans several blocks).
         excluded: [M] True where the module gets the plain sum (no surgery).
         slots: every trainable parameter with its module and flat range, in buffer order.
         plan: the validated segment plan (offsets) of the flat axis.
@@ -61,6 +63,7 @@ class Partition:
 
     names: List[str]
     kinds: List[str]
+    layers: List[Optional[int]]
     excluded: List[bool]
     slots: List[ParamSlot]
     plan: SegmentPlan
@@ -86,6 +89,11 @@ def _find_block(name: str, modules: Dict[str, nn.Module]) -> Optional[Tuple[str,
         if parts[k].isdigit() and isinstance(modules.get(".".join(parts[:k])), (nn.ModuleList, nn.Sequential)):
             return ".".join(parts[: k + 1]), parts[k + 1 :]
     return None
+
+
+def _block_index(name: str, modules: Dict[str, nn.Module]) -> Optional[int]:
+    block = _find_block(name, modules)
+    return int(block[0].rsplit(".", 1)[-1]) if block is not None else None
 
 
 def _child_kind(child_name: str, child: Optional[nn.Module]) -> str:
@@ -216,6 +224,11 @@ def build_partition(
         group_kinds = {assign[idx][1] for idx in members[key]}
         kinds[m] = group_kinds.pop() if len(group_kinds) == 1 else "mixed"
 
+    layers: List[Optional[int]] = []
+    for key in keys:
+        blocks = {_block_index(params[idx][0], modules) for idx in members[key]}
+        layers.append(blocks.pop() if len(blocks) == 1 else None)
+
     rules = _matcher(exclude)
     excluded = [False] * len(keys)
     for label, rule in rules:
@@ -224,4 +237,4 @@ def build_partition(
             raise MGSInputError(f"exclude pattern {label!r} matches no module; module names look like {keys[:3]}")
         for m in hits:
             excluded[m] = True
-    return Partition(keys, kinds, excluded, slots, plan_from_sizes(sizes))
+    return Partition(keys, kinds, layers, excluded, slots, plan_from_sizes(sizes))

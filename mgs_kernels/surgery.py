@@ -192,7 +192,8 @@ class ModularGradientSurgery:
         be = self._backend
         plan = self.partition.plan
         gram = be.segmented_gram(self.buffer, plan)
-        weights = be.pcgrad_weights(gram, self._order_table(), self.eps)
+        order = self._order_table()
+        weights = be.pcgrad_weights(gram, order, self.eps)
         weights = torch.where(self._excluded.unsqueeze(1), torch.ones_like(weights), weights)
         if self._out is None:
             self._out = torch.empty(self.partition.numel, dtype=self.dtype, device=self.device)
@@ -204,7 +205,9 @@ class ModularGradientSurgery:
             view = self._out[s.start : s.end].view(s.param.shape)
             s.param.grad = view if self._zero_copy else view.to(s.param.dtype)
         self._stale = True
-        return SurgeryStats(gram, weights, self.partition.names, self.partition.kinds, self._excluded)
+        part = self.partition
+        return SurgeryStats(gram, weights, part.names, part.kinds, self._excluded, order=order, eps=self.eps,
+                            module_layers=part.layers)
 
     def backward(self, losses: Union[Sequence[torch.Tensor], torch.Tensor]) -> SurgeryStats:
         """One scalar loss per task: backpropagate each into its task's gradient, then ``resolve()``.

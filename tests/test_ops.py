@@ -13,8 +13,7 @@ from mgs_kernels import backends, reference
 from conftest import assert_close_to_reference, offsets_from_sizes, random_sizes, reference_result, storage_rtol
 
 DEVICE = torch.device("cpu")
-BACKENDS = [b for b in mgs.available_backends() if backends.get_backend(b, DEVICE) and
-            backends._load(b).supports(DEVICE)]
+BACKENDS = backends.usable_backends(DEVICE)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Smallest |g_i' . g_j| / (|g_i| |g_j|) a test accepts: well above float32 rounding of that ratio.
 MARGIN = 1e-4

@@ -58,6 +58,12 @@ def available_backends() -> List[str]:
     return [name for name in _REGISTRY if _load(name) is not None]
 
 
+def usable_backends(device: torch.device) -> List[str]:
+    """Names of the available backends that can run on tensors of ``device``."""
+    device = torch.device(device)
+    return [name for name in available_backends() if _loaded[name].supports(device)]
+
+
 def backend_errors() -> Dict[str, str]:
     """Why each unavailable backend did not load (name -> message)."""
     for name in _REGISTRY:

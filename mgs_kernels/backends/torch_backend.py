@@ -46,11 +46,11 @@ def segmented_gram(grads: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
     return gram.view(M, T, T)
 
 
-def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor, eps: float) -> torch.Tensor:
-    """float32 [M, T]: the PCGrad weights of DESIGN.md section 1, all modules and tasks at once.
+def pcgrad_coefficients(gram: torch.Tensor, order: torch.Tensor, eps: float) -> torch.Tensor:
+    """float32 [M, T, T]: row i of module m is c_i, the projected task gradient g_i' = sum_k c_ik g_k
+    (DESIGN.md section 1), all modules and tasks at once.
 
-    Row i of ``coef`` is c_i (g_i' = sum_k coef[i, k] g_k); the T-1 steps run in sequence, each
-    vectorized over modules and tasks.
+    The T-1 visiting steps run in sequence, each vectorized over modules and tasks.
     """
     M, T, _ = gram.shape
     g = gram.float()
@@ -65,7 +65,12 @@ def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor, eps: float) -> torch
         step_coef = torch.where(conflict, d / torch.where(conflict, g_jj, 1.0), 0.0)
         current = torch.gather(coef, 2, j.unsqueeze(-1))
         coef.scatter_(2, j.unsqueeze(-1), current - step_coef.unsqueeze(-1))
-    return coef.sum(1)
+    return coef
+
+
+def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor, eps: float) -> torch.Tensor:
+    """float32 [M, T]: w_m = sum_i c_i, the weights of the summed projected gradients."""
+    return pcgrad_coefficients(gram, order, eps).sum(1)
 
 
 def segmented_combine(grads: torch.Tensor, plan: SegmentPlan, weights: torch.Tensor, out: torch.Tensor) -> None:

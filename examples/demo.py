@@ -1,0 +1,112 @@
+"""Demo: a tiny Llama trained a few steps on three synthetic tasks with Modular Gradient Surgery.
+
+Each step captures true per-task gradients, resolves them with mgs_kernels (fused path), and also
+runs the plain Python loop (``mgs_kernels.reference``) on the same captured gradients, printing the
+conflicts seen, the time of each path, and how far apart their results are.
+
+    python examples/demo.py [--steps 8] [--partition module] [--backend auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import mgs_kernels as mgs
+from mgs_kernels import reference
+
+VOCAB = 256
+
+
+def make_model(layers: int, hidden: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 3,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, bos_token_id=0, eos_token_id=1)
+    return LlamaForCausalLM(cfg)
+
+
+def task_batch(task: int, gen: torch.Generator, batch: int = 8, seq: int = 32) -> torch.Tensor:
+    """Three synthetic 'domains' over one vocabulary: counting up, counting down, repeating a motif."""
+    start = torch.randint(2, VOCAB, (batch, 1), generator=gen)
+    pos = torch.arange(seq)
+    if task == 0:
+        ids = (start + pos) % (VOCAB - 2) + 2
+    elif task == 1:
+        ids = (start - 3 * pos) % (VOCAB - 2) + 2
+    else:
+        motif = torch.randint(2, VOCAB, (batch, 4), generator=gen)
+        ids = motif.repeat(1, seq // 4)
+    return ids
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--tasks", type=int, default=3, choices=[2, 3])
+    ap.add_argument("--partition", default="tensor", choices=["tensor", "module", "layer", "global"])
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    model = make_model(args.layers, args.hidden)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    surgery = mgs.ModularGradientSurgery(model, num_tasks=args.tasks, partition=args.partition,
+                                         seed=args.seed, backend=args.backend)
+    part = surgery.partition
+    be = surgery._backend.__name__.rsplit(".", 1)[-1].replace("_backend", "")
+    print(f"tiny Llama: {part.numel:,} parameters in {part.num_modules} modules (partition={args.partition}), "
+          f"T={args.tasks}, backend={be}, available={mgs.available_backends()}")
+    print(f"{'step':>4} | " + " ".join(f"loss[{t}]" for t in range(args.tasks))
+          + " | conflicting pairs | fused ms | loop ms | speedup | max rel diff")
+
+    gen = torch.Generator().manual_seed(args.seed)
+    fused_total = loop_total = 0.0
+    for step in range(args.steps):
+        opt.zero_grad(set_to_none=True)
+        losses = []
+        for t in range(args.tasks):
+            ids = task_batch(t, gen)
+            with surgery.capture(t):
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+            losses.append(loss.item())
+
+        # The loop sees the same captured gradients and the same visit order as the fused path.
+        order_state = surgery._generator.get_state()
+        t0 = time.perf_counter()
+        stats = surgery.resolve()
+        fused_ms = (time.perf_counter() - t0) * 1e3
+        order_gen = torch.Generator()
+        order_gen.set_state(order_state)
+        t0 = time.perf_counter()
+        looped = reference.modular_pcgrad(surgery.buffer, part.offsets, order="random", generator=order_gen)
+        loop_ms = (time.perf_counter() - t0) * 1e3
+        fused = torch.cat([s.param.grad.reshape(-1) for s in part.slots])
+        rel = ((fused - looped).abs().max() / looped.abs().max().clamp_min(1e-30)).item()
+
+        sc = stats.scalars()
+        pairs = int(stats.num_conflicts.sum())
+        total = part.num_modules * args.tasks * (args.tasks - 1) // 2
+        print(f"{step:>4} | " + " ".join(f"{l:7.3f}" for l in losses)
+              + f" | {pairs:5d}/{total:<5d} ({sc['mgs/conflict_pair_fraction']:5.1%}) | {fused_ms:8.2f} | "
+              f"{loop_ms:7.1f} | {loop_ms / fused_ms:6.1f}x | {rel:.1e}")
+        if step > 0:  # the first step pays one-time costs (plan and chunk tables)
+            fused_total += fused_ms
+            loop_total += loop_ms
+        opt.step()
+
+    if args.steps > 1:
+        print(f"steady state (steps 1..{args.steps - 1}): fused {fused_total / (args.steps - 1):.2f} ms/step, "
+              f"Python loop {loop_total / (args.steps - 1):.1f} ms/step, "
+              f"{loop_total / fused_total:.1f}x faster (CPU, {torch.get_num_threads()} threads)")
+
+
+if __name__ == "__main__":
+    main()
