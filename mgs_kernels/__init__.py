@@ -6,6 +6,7 @@ Kernel level: ``segmented_gram``, ``pcgrad_weights``, ``segmented_combine``, ``m
 
 from ._errors import BackendUnavailableError, MGSInputError
 from .backends import available_backends
+from .distributed import aligned_schedule
 from .diagnostics import NormEMA, proportional_sampling_weights, select_modules, unbiased_sq_norm
 from .ops import modular_pcgrad, pcgrad_weights, segmented_combine, segmented_gram
 from .order import fixed_order, random_order
@@ -31,6 +32,7 @@ __all__ = [
     "proportional_sampling_weights",
     "NormEMA",
     "select_modules",
+    "aligned_schedule",
     "MGSInputError",
     "BackendUnavailableError",
     "__version__",

@@ -38,13 +38,24 @@ _MLP_NAME = re.compile(r"mlp|ffn|feed_?forward|moe|experts|dense_?h", re.IGNOREC
 
 @dataclass
 class ParamSlot:
-    """Where one parameter lives: ``buffer[:, start:end].view(param.shape)``."""
+    """Where one parameter lives: ``buffer[:, start:end].view(shape)``.
+
+    ``shape`` is the parameter's local shape: its own shape, or for a sharded DTensor parameter
+    (FSDP2) the shape of this rank's shard, which may be empty.
+    """
 
     name: str
     param: nn.Parameter
     module: int
     start: int
     end: int
+    shape: torch.Size
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local part of ``t``: ``t.to_local()`` for a DTensor, else ``t`` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
 
 
 @dataclass
@@ -216,8 +227,10 @@ def build_partition(
         start = pos
         for idx in members[key]:
             name, p = params[idx]
-            slots.append(ParamSlot(name, p, m, pos, pos + p.numel()))
-            pos += p.numel()
+            shape = local_tensor(p.detach()).shape
+            numel = shape.numel()
+            slots.append(ParamSlot(name, p, m, pos, pos + numel, shape))
+            pos += numel
         sizes.append(pos - start)
     # A group mixing kinds (a "layer" or "global" module) is labelled "mixed".
     for m, key in enumerate(keys):

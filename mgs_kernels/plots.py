@@ -95,6 +95,9 @@ def conflict_fraction_over_steps(history: Sequence[SurgeryStats], path: Optional
     for name, values in series.items():
         if len(values) == len(steps):
             ax.plot(steps, values, label=name, linewidth=2.5 if name == "all" else 1.2)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("conflicting (module, pair) fraction")
     ax.set_ylim(0, 1)

@@ -12,8 +12,9 @@ from torch import nn
 from . import backends
 from ._errors import MGSInputError
 from ._validate import check_eps
+from .distributed import DistContext, is_dtensor, unwrap_ddp
 from .order import check_order, fixed_order, random_order
-from .partition import ExcludeSpec, PartitionSpec, build_partition
+from .partition import ExcludeSpec, PartitionSpec, build_partition, local_tensor
 from .stats import SurgeryStats
 
 
@@ -43,6 +44,12 @@ class ModularGradientSurgery:
         backend: "auto" | "torch" | "cpu" | "cuda" | "triton".
         exclude: module-name patterns that get the plain sum (see ``build_partition``).
         eps: conflict test ``g_i' . g_j < 0 and |g_j|^2 > eps``.
+        check_alignment: verify at ``resolve()`` that every rank ran the same task windows (one
+            32-byte all-reduce). Default: on for FSDP2 models, off for DDP (no communication beyond
+            DDP's own), irrelevant in a single process.
+
+    Multi-GPU: pass an FSDP2 model (``fully_shard``; parameters are DTensors) or a
+    ``DistributedDataParallel`` model as it is. See ``mgs_kernels.distributed``.
     """
 
     def __init__(
@@ -56,14 +63,17 @@ class ModularGradientSurgery:
         backend: str = "auto",
         exclude: ExcludeSpec = None,
         eps: float = 0.0,
+        check_alignment: Optional[bool] = None,
     ):
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
             raise MGSInputError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
         self.model = model
         self.num_tasks = num_tasks
-        self.partition = build_partition(model, partition, exclude)
+        inner, ddp_group = unwrap_ddp(model)
+        self.partition = build_partition(inner, partition, exclude)
         self.eps = check_eps(eps)
         slots = self.partition.slots
+        self.dist = DistContext.detect(inner, ddp_group, [(s.name, s.param) for s in slots], check_alignment)
         devices = {s.param.device for s in slots}
         if len(devices) != 1:
             raise MGSInputError(f"all trainable parameters must be on one device, found {sorted(map(str, devices))}")
@@ -74,8 +84,10 @@ class ModularGradientSurgery:
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise MGSInputError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         self.dtype = dtype
-        # Zero-copy capture needs p.grad (which must have p's dtype) to be a view of the buffer.
-        self._zero_copy = all(s.param.dtype == dtype for s in slots)
+        # Zero-copy capture points p.grad at a view of the buffer, which needs p's dtype and a plain
+        # tensor; otherwise (other dtype, FSDP2's DTensor grads) gradients are added into the task row
+        # when the capture window closes.
+        self._zero_copy = self.dist.kind != "fsdp" and all(s.param.dtype == dtype for s in slots)
         M, T, N = self.partition.num_modules, num_tasks, self.partition.numel
         self.backend = backend
         self._backend = backends.get_backend(backend, self.device)
@@ -92,34 +104,50 @@ class ModularGradientSurgery:
         self._out: Optional[torch.Tensor] = None
         self._excluded = torch.tensor(self.partition.excluded, dtype=torch.bool, device=self.device)
         self._row_views: List[List[torch.Tensor]] = [
-            [self.buffer[t, s.start : s.end].view(s.param.shape) for s in slots] for t in range(T)
+            [self.buffer[t, s.start : s.end].view(s.shape) for s in slots] for t in range(T)
         ]
         self._touched = [False] * len(slots)
-        self._captured_tasks = set()
+        self._windows: List[int] = []  # task of every capture window this step (alignment check)
         self._task: Optional[int] = None
         self._stale = False  # set by resolve(): the next capture starts a new step
-        self._hooks = [
-            s.param.register_post_accumulate_grad_hook(self._make_hook(i)) for i, s in enumerate(slots)
-        ]
+        self._hooks = []
+        if self._zero_copy:
+            for i, s in enumerate(slots):
+                self._hooks.append(s.param.register_hook(self._make_pre_hook(i)))
+                self._hooks.append(s.param.register_post_accumulate_grad_hook(self._make_post_hook(i)))
 
     # ------------------------------------------------------------------ capture
-    def _make_hook(self, index: int):
-        def hook(param: torch.Tensor) -> None:
+    # Zero-copy mode keeps one invariant inside a window: p.grad IS the task row's view. The pre-hook
+    # (before autograd accumulates) restores it if someone set p.grad to None or replaced it; the
+    # post-hook folds an out-of-place accumulation (create_graph=True) back into the view.
+    def _make_pre_hook(self, index: int):
+        def pre_hook(grad: torch.Tensor) -> None:
+            task = self._task
+            if task is None:
+                return None
+            param = self.partition.slots[index].param
+            view = self._row_views[task][index]
+            current = param.grad
+            if current is not view:
+                if current is not None:
+                    view.add_(current.detach())
+                param.grad = view
+            return None
+
+        return pre_hook
+
+    def _make_post_hook(self, index: int):
+        def post_hook(param: torch.Tensor) -> None:
             task = self._task
             if task is None:
                 return  # a backward outside any capture window is none of our business
             self._touched[index] = True
             view = self._row_views[task][index]
-            grad = param.grad
-            if grad is view or (grad.data_ptr() == view.data_ptr() and grad.shape == view.shape
-                                and grad.dtype == view.dtype):
-                return
-            # Not our view: the copy path (buffer dtype != param dtype), or someone replaced p.grad
-            # (set_to_none, create_graph). Fold the gradient into the task row and keep capturing.
-            view.add_(grad.to(view.dtype) if grad.dtype != view.dtype else grad)
-            param.grad = view if self._zero_copy else None
+            if param.grad is not view:
+                view.copy_(param.grad.detach())
+                param.grad = view
 
-        return hook
+        return post_hook
 
     def _check_task(self, task) -> int:
         if isinstance(task, bool) or not isinstance(task, int):
@@ -141,25 +169,28 @@ class ModularGradientSurgery:
         if self._stale:
             self._reset()
         self._task = task
-        self._captured_tasks.add(task)
+        self._windows.append(task)
         slots = self.partition.slots
-        if self._zero_copy:
-            for s, view in zip(slots, self._row_views[task]):
-                s.param.grad = view
-        else:
-            for s in slots:
-                s.param.grad = None
+        views = self._row_views[task]
+        for s, view in zip(slots, views):
+            s.param.grad = view if self._zero_copy else None
         try:
             yield
         finally:
             self._task = None
+            if not self._zero_copy:
+                for i, (s, view) in enumerate(zip(slots, views)):
+                    grad = s.param.grad
+                    if grad is not None:
+                        view.add_(local_tensor(grad.detach()).reshape(view.shape))
+                        self._touched[i] = True
             for s in slots:
                 s.param.grad = None
 
     def _reset(self) -> None:
         self.buffer.zero_()
         self._touched = [False] * len(self._touched)
-        self._captured_tasks = set()
+        self._windows = []
         self._stale = False
 
     def zero_grad(self) -> None:
@@ -191,7 +222,8 @@ class ModularGradientSurgery:
             raise MGSInputError("resolve() inside a capture window")
         be = self._backend
         plan = self.partition.plan
-        gram = be.segmented_gram(self.buffer, plan)
+        self.dist.verify(self._windows, self._table_signature(), self.device)
+        gram = self.dist.reduce_gram(be.segmented_gram(self.buffer, plan))
         order = self._order_table()
         weights = be.pcgrad_weights(gram, order, self.eps)
         weights = torch.where(self._excluded.unsqueeze(1), torch.ones_like(weights), weights)
@@ -202,8 +234,12 @@ class ModularGradientSurgery:
             if not touched:
                 s.param.grad = None
                 continue
-            view = self._out[s.start : s.end].view(s.param.shape)
-            s.param.grad = view if self._zero_copy else view.to(s.param.dtype)
+            view = self._out[s.start : s.end].view(s.shape)
+            if view.dtype != s.param.dtype:
+                view = view.to(s.param.dtype)
+            if is_dtensor(s.param):
+                view = _like_dtensor(view, s.param)
+            s.param.grad = view
         self._stale = True
         part = self.partition
         return SurgeryStats(gram, weights, part.names, part.kinds, self._excluded, order=order, eps=self.eps,
@@ -233,6 +269,11 @@ class ModularGradientSurgery:
                 loss.backward(retain_graph=t < len(losses) - 1)
         return self.resolve()
 
+    def _table_signature(self) -> str:
+        part = self.partition
+        sizes = [tuple(s.param.shape) for s in part.slots]  # global shapes: equal on every rank
+        return repr((self.num_tasks, part.names, part.excluded, [s.name for s in part.slots], sizes))
+
     def remove(self) -> None:
         """Detach the gradient hooks from the model's parameters."""
         for h in self._hooks:
@@ -242,3 +283,11 @@ class ModularGradientSurgery:
     @property
     def module_names(self) -> List[str]:
         return self.partition.names
+
+
+def _like_dtensor(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Wrap a local shard as a DTensor with ``param``'s mesh, placements and global shape."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
