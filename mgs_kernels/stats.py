@@ -50,6 +50,8 @@ class SurgeryStats:
         self.module_kinds = list(module_kinds) if module_kinds is not None else ["other"] * M
         self.module_layers = list(module_layers) if module_layers is not None else [None] * M
         self.excluded = excluded if excluded is not None else torch.zeros(M, dtype=torch.bool, device=gram.device)
+        # Set by ModularGradientSurgery.step(max_grad_norm=...): 0-dim min(1, max_norm / (norm + 1e-6)).
+        self.clip_coef: Optional[torch.Tensor] = None
 
     @property
     def num_tasks(self) -> int:

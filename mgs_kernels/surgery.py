@@ -213,23 +213,24 @@ class ModularGradientSurgery:
             table = table.pin_memory()
         return table.to(self.device, non_blocking=True)
 
-    def resolve(self) -> SurgeryStats:
-        """Combine the captured task gradients with modular PCGrad into ``p.grad``.
-
-        Parameters that got a gradient from no task keep ``grad = None``. Returns the step's stats.
-        """
+    def _solve(self) -> SurgeryStats:
+        """Stages 1-2: (all-reduced) Gram matrices and PCGrad weights, as a stats object."""
         if self._task is not None:
-            raise MGSInputError("resolve() inside a capture window")
-        be = self._backend
-        plan = self.partition.plan
+            raise MGSInputError("resolve() / step() inside a capture window")
         self.dist.verify(self._windows, self._table_signature(), self.device)
-        gram = self.dist.reduce_gram(be.segmented_gram(self.buffer, plan))
+        gram = self.dist.reduce_gram(self._backend.segmented_gram(self.buffer, self.partition.plan))
         order = self._order_table()
-        weights = be.pcgrad_weights(gram, order, self.eps)
+        weights = self._backend.pcgrad_weights(gram, order, self.eps)
         weights = torch.where(self._excluded.unsqueeze(1), torch.ones_like(weights), weights)
+        part = self.partition
+        return SurgeryStats(gram, weights, part.names, part.kinds, self._excluded, order=order, eps=self.eps,
+                            module_layers=part.layers)
+
+    def _write_grads(self, weights: torch.Tensor) -> None:
+        """Stage 3: combine into the result buffer and point every touched ``p.grad`` at it."""
         if self._out is None:
             self._out = torch.empty(self.partition.numel, dtype=self.dtype, device=self.device)
-        be.segmented_combine(self.buffer, plan, weights, self._out)
+        self._backend.segmented_combine(self.buffer, self.partition.plan, weights, self._out)
         for s, touched in zip(self.partition.slots, self._touched):
             if not touched:
                 s.param.grad = None
@@ -241,9 +242,87 @@ class ModularGradientSurgery:
                 view = _like_dtensor(view, s.param)
             s.param.grad = view
         self._stale = True
-        part = self.partition
-        return SurgeryStats(gram, weights, part.names, part.kinds, self._excluded, order=order, eps=self.eps,
-                            module_layers=part.layers)
+
+    def resolve(self) -> SurgeryStats:
+        """Combine the captured task gradients with modular PCGrad into ``p.grad``.
+
+        Parameters that got a gradient from no task keep ``grad = None``. Returns the step's stats.
+        """
+        stats = self._solve()
+        self._write_grads(stats.weights)
+        return stats
+
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        max_grad_norm: Optional[float] = None,
+        *,
+        error_if_nonfinite: bool = False,
+        scaler=None,
+        keep_grads: bool = False,
+    ) -> SurgeryStats:
+        """Resolve, clip and apply ``optimizer``'s update: what ``resolve()``,
+        ``clip_grad_norm_(params, max_grad_norm)`` and ``optimizer.step()`` do, with the clipping
+        folded into the combine.
+
+        The global gradient norm comes from the Gram matrices and weights (|w_m^T V_m|^2 = w_m^T G_m w_m,
+        summed over modules, and over ranks under FSDP2 through the all-reduced Gram), so the clip
+        coefficient ``min(1, max_grad_norm / (norm + 1e-6))`` is known before the combine pass and is
+        applied to the weights. Backends with a fused optimizer kernel (see README) then update
+        parameters and optimizer state in one pass over the task rows; otherwise the combined, clipped
+        gradient is written to ``p.grad`` and ``optimizer.step()`` runs. The optimizer's own state
+        tensors are updated either way, so ``optimizer.state_dict()`` keeps torch's format.
+
+        Args:
+            optimizer: any torch optimizer over (a superset of) the surgery's parameters.
+            max_grad_norm: clip the combined gradient to this global L2 norm (None: no clipping).
+            error_if_nonfinite: raise (like ``clip_grad_norm_``) when the norm is NaN/Inf; otherwise a
+                non-finite norm propagates into the update, as with torch.
+            scaler: a ``torch.amp.GradScaler``: then the unfused path runs (resolve, ``unscale_``, clip,
+                ``scaler.step``) so the scaler's inf checks and skipped steps behave exactly as usual.
+            keep_grads: leave the clipped combined gradient in ``p.grad`` after the step (for logging);
+                by default ``p.grad`` is None afterwards.
+
+        Returns:
+            SurgeryStats with ``grad_norm`` (the norm before clipping) and ``clip_coef``.
+        """
+        if max_grad_norm is not None and not float(max_grad_norm) > 0:
+            raise MGSInputError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        params = [s.param for s in self.partition.slots]
+        if scaler is not None:
+            stats = self.resolve()
+            scaler.unscale_(optimizer)
+            if max_grad_norm is not None:
+                stats.clip_coef = None
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm, error_if_nonfinite=error_if_nonfinite)
+            scaler.step(optimizer)
+            if not keep_grads:
+                for p in params:
+                    p.grad = None
+            return stats
+        stats = self._solve()
+        weights = stats.weights
+        stats.clip_coef = None
+        if max_grad_norm is not None:
+            total = stats.grad_norm
+            if error_if_nonfinite and not bool(torch.isfinite(total)):
+                raise RuntimeError(
+                    f"The total norm of order 2.0 for gradients from `parameters` is non-finite, so it cannot "
+                    "be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
+                    "set `error_if_nonfinite=False`"
+                )
+            stats.clip_coef = torch.clamp(float(max_grad_norm) / (total + 1e-6), max=1.0)
+            weights = weights * stats.clip_coef
+        fused = getattr(self._backend, "fused_optimizer_step", None)
+        if fused is not None and fused(self, optimizer, weights, keep_grads):
+            self._stale = True
+            return stats
+        self._write_grads(weights)
+        optimizer.step()
+        if not keep_grads:
+            for p in params:
+                p.grad = None
+        return stats
 
     def backward(self, losses: Union[Sequence[torch.Tensor], torch.Tensor]) -> SurgeryStats:
         """One scalar loss per task: backpropagate each into its task's gradient, then ``resolve()``.
