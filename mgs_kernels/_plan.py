@@ -35,7 +35,19 @@ class SegmentPlan:
         self.sizes_host = offsets_host[1:] - offsets_host[:-1]
         self._device_offsets: Dict[torch.device, torch.Tensor] = {}
         self._chunk_tables: Dict[Tuple[int, torch.device, torch.dtype], "ChunkTable"] = {}
+        self._cache: Dict[object, object] = {}
         self._lock = threading.Lock()
+
+    def cached(self, key, build):
+        """``build()`` once per ``key`` for this plan (backend-private tables live here)."""
+        value = self._cache.get(key)
+        if value is None:
+            with self._lock:
+                value = self._cache.get(key)
+                if value is None:
+                    value = build()
+                    self._cache[key] = value
+        return value
 
     def offsets(self, device: torch.device) -> torch.Tensor:
         """int64 [M+1] offsets on ``device`` (cached)."""
