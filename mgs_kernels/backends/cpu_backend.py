@@ -1,9 +1,96 @@
-"""Native CPU backend (C++/OpenMP kernels in csrc/cpu, bound in python_api/). Filled in by issue 4."""
+"""Native CPU backend: C++/OpenMP kernels (csrc/cpu) bound in python_api/ as ``mgs_kernels._mgs_cpu``.
+
+Inputs arrive validated by ``mgs_kernels.ops``; this layer only passes data pointers, sizes, the row
+stride of ``grads``, dtype codes and the thread count (``torch.get_num_threads()``). Results are bitwise
+reproducible and independent of the thread count. More than 64 tasks fall back to the torch backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+from .._plan import SegmentPlan
+from . import torch_backend
+
+# Elements per chunk of the Gram / combine passes (one OpenMP work item).
+CHUNK = 1 << 14
+_CPU = torch.device("cpu")
 
 
 def load():
-    raise ImportError("the native CPU extension is not built yet")
+    _native.cpu()
 
 
-def supports(device):
+def supports(device: torch.device) -> bool:
     return device.type == "cpu"
+
+
+def _table(plan: SegmentPlan):
+    return plan.chunk_table(CHUNK, _CPU)
+
+
+def segmented_gram(grads: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
+    T = grads.shape[0]
+    if T > _native.MAX_TASKS:
+        return torch_backend.segmented_gram(grads, plan)
+    M = plan.num_modules
+    gram = torch.empty(M, T, T, dtype=torch.float32)
+    if M == 0:
+        return gram
+    t = _table(plan)
+    _native.cpu().segmented_gram(
+        grads.data_ptr(), _native.dtype_code(grads.dtype), T, grads.stride(0),
+        t.start.data_ptr(), t.length.data_ptr(), t.num_chunks, t.first.data_ptr(), M,
+        gram.data_ptr(), _native.num_threads(),
+    )
+    return gram
+
+
+def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor, eps: float) -> torch.Tensor:
+    M, T, _ = gram.shape
+    if T > _native.MAX_TASKS:
+        return torch_backend.pcgrad_weights(gram, order, eps)
+    gram = gram.contiguous()
+    order = order.contiguous()
+    weights = torch.empty(M, T, dtype=torch.float32)
+    if M == 0:
+        return weights
+    _native.cpu().pcgrad_weights(
+        gram.data_ptr(), order.data_ptr(), M, T, float(eps), weights.data_ptr(), _native.num_threads()
+    )
+    return weights
+
+
+def segmented_combine(grads: torch.Tensor, plan: SegmentPlan, weights: torch.Tensor, out: torch.Tensor) -> None:
+    T, N = grads.shape
+    if T > _native.MAX_TASKS:
+        return torch_backend.segmented_combine(grads, plan, weights, out)
+    if N == 0:
+        return
+    weights = weights.float().contiguous()
+    t = _table(plan)
+    _native.cpu().segmented_combine(
+        grads.data_ptr(), _native.dtype_code(grads.dtype), T, grads.stride(0),
+        t.start.data_ptr(), t.length.data_ptr(), t.module.data_ptr(), t.num_chunks,
+        weights.data_ptr(), out.data_ptr(), _native.dtype_code(out.dtype), _native.num_threads(),
+    )
+
+
+def modular_pcgrad(grads: torch.Tensor, plan: SegmentPlan, order: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+    """The three stages in one native call (Gram and weights in native scratch)."""
+    T, N = grads.shape
+    if T > _native.MAX_TASKS:
+        gram = torch_backend.segmented_gram(grads, plan)
+        torch_backend.segmented_combine(grads, plan, torch_backend.pcgrad_weights(gram, order, eps), out)
+        return
+    if N == 0 or plan.num_modules == 0:
+        return
+    order = order.contiguous()
+    t = _table(plan)
+    _native.cpu().modular_pcgrad(
+        grads.data_ptr(), _native.dtype_code(grads.dtype), T, grads.stride(0),
+        t.start.data_ptr(), t.length.data_ptr(), t.module.data_ptr(), t.num_chunks, t.first.data_ptr(),
+        plan.num_modules, order.data_ptr(), float(eps), out.data_ptr(), _native.dtype_code(out.dtype),
+        _native.num_threads(),
+    )

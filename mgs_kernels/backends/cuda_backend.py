@@ -1,9 +1,85 @@
-"""Native CUDA backend (csrc/cuda, bound in python_api/). Filled in by issue 4."""
+"""Native CUDA backend: kernels in csrc/cuda bound in python_api/ as ``mgs_kernels._mgs_cuda``.
+
+Inputs arrive validated by ``mgs_kernels.ops``. Scratch (per-chunk partials) and outputs are allocated
+here with torch's caching allocator; kernels run on torch's current stream of the tensors' device with no
+host synchronisation (CUDA-graph capturable). More than 64 tasks fall back to the torch backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+from .._plan import SegmentPlan
+from . import torch_backend
 
 
 def load():
-    raise ImportError("the native CUDA extension is not built yet")
+    _native.cuda()
 
 
-def supports(device):
+def supports(device: torch.device) -> bool:
     return device.type == "cuda"
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _table(plan: SegmentPlan, T: int, device: torch.device):
+    return plan.chunk_table(_native.cuda().chunk_elems(T), device)
+
+
+def segmented_gram(grads: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
+    T = grads.shape[0]
+    if T > _native.MAX_TASKS:
+        return torch_backend.segmented_gram(grads, plan)
+    device = grads.device
+    M = plan.num_modules
+    gram = torch.empty(M, T, T, dtype=torch.float32, device=device)
+    if M == 0:
+        return gram
+    lib = _native.cuda()
+    with torch.cuda.device(device):
+        t = _table(plan, T, device)
+        partials = torch.empty(max(t.num_chunks, 1) * lib.partial_size(T), dtype=torch.float32, device=device)
+        lib.segmented_gram(
+            grads.data_ptr(), _native.dtype_code(grads.dtype), T, grads.stride(0),
+            t.start.data_ptr(), t.length.data_ptr(), t.num_chunks, t.first.data_ptr(), M,
+            partials.data_ptr(), gram.data_ptr(), _stream(device),
+        )
+    return gram
+
+
+def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor, eps: float) -> torch.Tensor:
+    M, T, _ = gram.shape
+    if T > _native.MAX_TASKS:
+        return torch_backend.pcgrad_weights(gram, order, eps)
+    device = gram.device
+    gram = gram.contiguous()
+    order = order.contiguous()
+    weights = torch.empty(M, T, dtype=torch.float32, device=device)
+    if M == 0:
+        return weights
+    with torch.cuda.device(device):
+        _native.cuda().pcgrad_weights(
+            gram.data_ptr(), order.data_ptr(), M, T, float(eps), weights.data_ptr(), _stream(device)
+        )
+    return weights
+
+
+def segmented_combine(grads: torch.Tensor, plan: SegmentPlan, weights: torch.Tensor, out: torch.Tensor) -> None:
+    T, N = grads.shape
+    if T > _native.MAX_TASKS:
+        return torch_backend.segmented_combine(grads, plan, weights, out)
+    if N == 0:
+        return
+    device = grads.device
+    weights = weights.float().contiguous()
+    with torch.cuda.device(device):
+        t = _table(plan, T, device)
+        _native.cuda().segmented_combine(
+            grads.data_ptr(), _native.dtype_code(grads.dtype), T, grads.stride(0),
+            t.start.data_ptr(), t.length.data_ptr(), t.module.data_ptr(), t.num_chunks,
+            weights.data_ptr(), out.data_ptr(), _native.dtype_code(out.dtype), _stream(device),
+        )

@@ -1,0 +1,45 @@
+// Native CPU kernels of mgs_kernels: segmented Gram, batched PCGrad solve, segmented combine.
+//
+// Plain C++17 + OpenMP, no Python and no torch headers. Callers pass raw pointers (validated by the
+// Python layer) and the chunk table of mgs_kernels._plan.ChunkTable: every module split into chunks
+// that never cross a module boundary, sorted by module.
+//
+// Storage dtype codes (kept in sync with mgs_kernels._native.DTYPE_CODES, checked at import).
+#pragma once
+#include <cstdint>
+
+namespace mgs_cpu {
+
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+constexpr int64_t kMaxTasks = 64;
+
+// gram[M, T, T] (float32, symmetric) = per-module V_m V_m^T. grads element (t, n) is at
+// grads + (t * row_stride + n) * elemsize. Chunk k covers [chunk_start[k], chunk_start[k] + chunk_len[k]);
+// chunks of module m are chunk_first[m] .. chunk_first[m+1]-1.
+// Deterministic: each chunk's partial is computed by one thread with a fixed blocking, then the
+// partials of each module are summed (in double) in chunk order -> independent of the thread count.
+void segmented_gram(const void* grads, int dtype, int64_t T, int64_t row_stride, const int64_t* chunk_start,
+                    const int64_t* chunk_len, int64_t num_chunks, const int64_t* chunk_first, int64_t M,
+                    float* gram, int num_threads);
+
+// weights[M, T] (float32) from gram[M, T, T] and order[M, T, T-1] (int64): DESIGN.md section 1.
+void pcgrad_weights(const float* gram, const int64_t* order, int64_t M, int64_t T, float eps, float* weights,
+                    int num_threads);
+
+// out[n] = sum_k weights[module(n), k] * grads[k, n] (fp32 accumulation), for every n covered by the
+// chunk table. out may be exactly one row of grads (every element is read before it is written).
+void segmented_combine(const void* grads, int dtype, int64_t T, int64_t row_stride, const int64_t* chunk_start,
+                       const int64_t* chunk_len, const int64_t* chunk_module, int64_t num_chunks,
+                       const float* weights, void* out, int out_dtype, int num_threads);
+
+// The three stages in one call (gram and weights in host scratch).
+void modular_pcgrad(const void* grads, int dtype, int64_t T, int64_t row_stride, const int64_t* chunk_start,
+                    const int64_t* chunk_len, const int64_t* chunk_module, int64_t num_chunks,
+                    const int64_t* chunk_first, int64_t M, const int64_t* order, float eps, void* out,
+                    int out_dtype, int num_threads);
+
+// Which instruction-set clone the runtime dispatcher picked ("x86-64-v4", "x86-64-v3", "baseline").
+const char* isa();
+
+}  // namespace mgs_cpu

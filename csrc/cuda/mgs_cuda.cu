@@ -1,0 +1,499 @@
+// Native CUDA kernels of mgs_kernels (contracts in mgs_cuda.h).
+//
+// Segmented Gram: one block per chunk (chunks never cross a module). T <= 8: each thread keeps the
+//   T(T+1)/2 products of its elements in registers, reading 16-byte vectors of every row (scalar head and
+//   tail peel to alignment, scalar everywhere when rows are not 16-byte aligned), then a fixed
+//   shuffle-tree + shared-memory reduction writes the chunk's partial. 8 < T <= 64: the block stages
+//   [T, 32] tiles in shared memory (fp32) and each thread owns up to 9 task pairs. A cleanup kernel sums
+//   each module's partials in chunk order (double) -> no float atomics, bitwise deterministic.
+// Solve: one block per module, thread i runs task i's projections with c_i in shared memory, then
+//   thread k sums column k over i in order.
+// Combine: one block per chunk, 16-byte vector loads of all T rows before the 16-byte store of the same
+//   elements, so out may be a row of grads.
+// fp32 / bf16 / fp16 storage, fp32 arithmetic; NaN / Inf propagate (padding is never multiplied in).
+#include "mgs_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <string>
+
+namespace mgs_cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kSmallT = 8;           // register path up to this many tasks
+constexpr int kTileE = 32;           // elements per shared-memory tile of the generic Gram path
+constexpr int kMaxPairsPerThread = (kMaxTasks * (kMaxTasks + 1) / 2 + kThreads - 1) / kThreads;  // 9
+
+// ---------------------------------------------------------------------------------------------------
+// storage traits
+// ---------------------------------------------------------------------------------------------------
+template <int DT>
+struct Tr;
+template <>
+struct Tr<kFloat32> {
+  using S = float;
+  static constexpr int VEC = 4;  // elements per 16-byte vector
+  __device__ __forceinline__ static float load(const S* p) { return *p; }
+  __device__ __forceinline__ static float ldg(const S* p) { return __ldg(p); }
+  __device__ __forceinline__ static void store(S* p, float v) { *p = v; }
+};
+template <>
+struct Tr<kBFloat16> {
+  using S = unsigned short;
+  static constexpr int VEC = 8;
+  __device__ __forceinline__ static float cvt(unsigned short h) { return __uint_as_float(static_cast<unsigned>(h) << 16); }
+  __device__ __forceinline__ static unsigned short pack(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+  __device__ __forceinline__ static float load(const S* p) { return cvt(*p); }
+  __device__ __forceinline__ static float ldg(const S* p) { return cvt(__ldg(p)); }
+  __device__ __forceinline__ static void store(S* p, float v) { *p = pack(v); }
+};
+template <>
+struct Tr<kFloat16> {
+  using S = unsigned short;
+  static constexpr int VEC = 8;
+  __device__ __forceinline__ static float cvt(unsigned short h) { return __half2float(__ushort_as_half(h)); }
+  __device__ __forceinline__ static unsigned short pack(float v) { return __half_as_ushort(__float2half_rn(v)); }
+  __device__ __forceinline__ static float load(const S* p) { return cvt(*p); }
+  __device__ __forceinline__ static float ldg(const S* p) { return cvt(__ldg(p)); }
+  __device__ __forceinline__ static void store(S* p, float v) { *p = pack(v); }
+};
+
+// 16-byte vector -> VEC floats.
+template <int DT>
+__device__ __forceinline__ void unpack(const uint4 v, float (&x)[Tr<DT>::VEC]) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+  if constexpr (DT == kFloat32) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) x[q] = __uint_as_float(w[q]);
+  } else {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      x[2 * q] = Tr<DT>::cvt(static_cast<unsigned short>(w[q] & 0xffffu));
+      x[2 * q + 1] = Tr<DT>::cvt(static_cast<unsigned short>(w[q] >> 16));
+    }
+  }
+}
+
+// VEC floats -> out (aligned to VEC * sizeof(out element)).
+template <int OT, int VEC>
+__device__ __forceinline__ void store_vec(typename Tr<OT>::S* out, const float (&y)[VEC]) {
+  if constexpr (OT == kFloat32) {
+#pragma unroll
+    for (int q = 0; q < VEC / 4; ++q)
+      reinterpret_cast<float4*>(out)[q] = make_float4(y[4 * q], y[4 * q + 1], y[4 * q + 2], y[4 * q + 3]);
+  } else {
+    unsigned w[VEC / 2];
+#pragma unroll
+    for (int q = 0; q < VEC / 2; ++q)
+      w[q] = static_cast<unsigned>(Tr<OT>::pack(y[2 * q])) | (static_cast<unsigned>(Tr<OT>::pack(y[2 * q + 1])) << 16);
+    if constexpr (VEC == 8) {
+      *reinterpret_cast<uint4*>(out) = make_uint4(w[0], w[1], w[2], w[3]);
+    } else {
+      *reinterpret_cast<uint2*>(out) = make_uint2(w[0], w[1]);
+    }
+  }
+}
+
+// Split a chunk into a scalar head (up to the first vector-aligned element), aligned vectors and a scalar tail.
+struct Split {
+  int64_t head, nvec, tail;  // tail = first element of the scalar tail
+};
+__device__ __forceinline__ Split split_chunk(int64_t start, int64_t len, int vec, bool vec_ok) {
+  Split s;
+  if (!vec_ok) {
+    s.head = len;
+    s.nvec = 0;
+    s.tail = len;
+    return s;
+  }
+  int64_t h = (vec - start % vec) % vec;
+  s.head = h < len ? h : len;
+  s.nvec = (len - s.head) / vec;
+  s.tail = s.head + s.nvec * vec;
+  return s;
+}
+
+__device__ __forceinline__ void pair_of(int p, int T, int& i, int& j) {
+  i = 0;
+  while (p >= T - i) {
+    p -= T - i;
+    ++i;
+  }
+  j = i + p;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Gram, T <= 8: registers
+// ---------------------------------------------------------------------------------------------------
+template <int T, int DT>
+__global__ void __launch_bounds__(kThreads)
+    gram_small_kernel(const typename Tr<DT>::S* __restrict__ grads, int64_t rs, const int64_t* __restrict__ cstart,
+                      const int64_t* __restrict__ clen, float* __restrict__ partials, bool vec_ok) {
+  using S = typename Tr<DT>::S;
+  constexpr int VEC = Tr<DT>::VEC;
+  constexpr int P = T * (T + 1) / 2;
+  const int64_t k = blockIdx.x;
+  const int64_t start = cstart[k];
+  const int64_t len = clen[k];
+  const Split sp = split_chunk(start, len, VEC, vec_ok);
+
+  float acc[P];
+#pragma unroll
+  for (int p = 0; p < P; ++p) acc[p] = 0.f;
+
+  auto scalar = [&](int64_t e) {
+    float x[T];
+#pragma unroll
+    for (int t = 0; t < T; ++t) x[t] = Tr<DT>::ldg(grads + t * rs + start + e);
+    int p = 0;
+#pragma unroll
+    for (int i = 0; i < T; ++i)
+#pragma unroll
+      for (int j = i; j < T; ++j, ++p) acc[p] = fmaf(x[i], x[j], acc[p]);
+  };
+  for (int64_t e = threadIdx.x; e < sp.head; e += kThreads) scalar(e);
+  for (int64_t e = sp.tail + threadIdx.x; e < len; e += kThreads) scalar(e);
+
+  for (int64_t v = threadIdx.x; v < sp.nvec; v += kThreads) {
+    const int64_t e = start + sp.head + v * VEC;
+    uint4 raw[T];
+#pragma unroll
+    for (int t = 0; t < T; ++t) raw[t] = __ldg(reinterpret_cast<const uint4*>(grads + t * rs + e));
+    float x[T][VEC];
+#pragma unroll
+    for (int t = 0; t < T; ++t) unpack<DT>(raw[t], x[t]);
+#pragma unroll
+    for (int q = 0; q < VEC; ++q) {
+      int p = 0;
+#pragma unroll
+      for (int i = 0; i < T; ++i)
+#pragma unroll
+        for (int j = i; j < T; ++j, ++p) acc[p] = fmaf(x[i][q], x[j][q], acc[p]);
+    }
+  }
+
+  // Fixed-order block reduction: xor-shuffle tree inside each warp, then warps in order.
+  __shared__ float red[kWarps][P];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    float v = acc[p];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) red[warp][p] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < P) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += red[w][threadIdx.x];
+    partials[k * P + threadIdx.x] = s;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Gram, 8 < T <= 64: shared-memory tiles, each thread owns up to 9 pairs
+// ---------------------------------------------------------------------------------------------------
+template <int DT>
+__global__ void __launch_bounds__(kThreads)
+    gram_generic_kernel(const typename Tr<DT>::S* __restrict__ grads, int64_t rs, int T,
+                        const int64_t* __restrict__ cstart, const int64_t* __restrict__ clen,
+                        float* __restrict__ partials) {
+  __shared__ float tile[kMaxTasks][kTileE + 1];
+  const int P = T * (T + 1) / 2;
+  const int64_t k = blockIdx.x;
+  const int64_t start = cstart[k];
+  const int64_t len = clen[k];
+
+  int pi[kMaxPairsPerThread], pj[kMaxPairsPerThread];
+  float acc[kMaxPairsPerThread];
+#pragma unroll
+  for (int r = 0; r < kMaxPairsPerThread; ++r) {
+    const int p = threadIdx.x + r * kThreads;
+    int i = 0, j = 0;
+    if (p < P) pair_of(p, T, i, j);
+    pi[r] = i;
+    pj[r] = j;
+    acc[r] = 0.f;
+  }
+
+  for (int64_t base = 0; base < len; base += kTileE) {
+    const int64_t n = len - base < kTileE ? len - base : kTileE;
+    for (int q = threadIdx.x; q < T * kTileE; q += kThreads) {
+      const int t = q / kTileE, e = q % kTileE;
+      // padding lanes are zero in every row: their products are 0 and never touch an Inf
+      tile[t][e] = e < n ? Tr<DT>::ldg(grads + t * rs + start + base + e) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kMaxPairsPerThread; ++r) {
+      if (threadIdx.x + r * kThreads < P) {
+        const float* a = tile[pi[r]];
+        const float* b = tile[pj[r]];
+        float s = acc[r];
+#pragma unroll 8
+        for (int e = 0; e < kTileE; ++e) s = fmaf(a[e], b[e], s);
+        acc[r] = s;
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int r = 0; r < kMaxPairsPerThread; ++r) {
+    const int p = threadIdx.x + r * kThreads;
+    if (p < P) partials[k * P + p] = acc[r];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Gram cleanup: module m sums its chunk partials in a fixed order (double), writes the symmetric [T, T]
+// ---------------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(kThreads)
+    gram_cleanup_kernel(const float* __restrict__ partials, const int64_t* __restrict__ first, int T,
+                        float* __restrict__ gram) {
+  __shared__ double red[kThreads];
+  const int P = T * (T + 1) / 2;
+  const int64_t m = blockIdx.x;
+  const int64_t k0 = first[m], k1 = first[m + 1];
+  for (int p0 = 0; p0 < P; p0 += kThreads) {
+    const int pc = P - p0 < kThreads ? P - p0 : kThreads;
+    const int slices = kThreads / pc;
+    const int s = threadIdx.x / pc;
+    const int p = p0 + threadIdx.x % pc;
+    if (s < slices) {
+      double sum = 0.0;
+      for (int64_t k = k0 + s; k < k1; k += slices) sum += static_cast<double>(partials[k * P + p]);
+      red[threadIdx.x] = sum;
+    }
+    __syncthreads();
+    if (threadIdx.x < pc) {
+      double tot = 0.0;
+      for (int q = 0; q < slices; ++q) tot += red[q * pc + threadIdx.x];
+      int i, j;
+      pair_of(p0 + threadIdx.x, T, i, j);
+      const float v = static_cast<float>(tot);
+      gram[(m * T + i) * T + j] = v;
+      gram[(m * T + j) * T + i] = v;
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// PCGrad solve: one block per module, thread i = task i
+// ---------------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(kMaxTasks)
+    pcgrad_kernel(const float* __restrict__ gram, const int64_t* __restrict__ order, int T, float eps,
+                  float* __restrict__ weights) {
+  __shared__ float G[kMaxTasks * kMaxTasks];
+  __shared__ float C[kMaxTasks][kMaxTasks + 1];
+  const int64_t m = blockIdx.x;
+  for (int q = threadIdx.x; q < T * T; q += blockDim.x) G[q] = gram[m * T * T + q];
+  __syncthreads();
+  const int i = threadIdx.x;
+  if (i < T) {
+    for (int c = 0; c < T; ++c) C[i][c] = c == i ? 1.f : 0.f;
+    const int64_t* oi = order + (m * T + i) * (T - 1);
+    for (int s = 0; s < T - 1; ++s) {
+      const int64_t j = oi[s];
+      if (j < 0 || j >= T) continue;  // malformed table: never read out of bounds
+      const float* Gj = G + j * T;   // row j (= column j), as the torch backend reads it
+      float d = 0.f;
+      for (int c = 0; c < T; ++c) d = fmaf(C[i][c], Gj[c], d);
+      const float gjj = Gj[j];
+      if (d < 0.f && gjj > eps) C[i][j] -= d / gjj;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < T) {
+    float w = 0.f;
+    for (int r = 0; r < T; ++r) w += C[r][threadIdx.x];
+    weights[m * T + threadIdx.x] = w;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Combine
+// ---------------------------------------------------------------------------------------------------
+template <int DT, int OT>
+__global__ void __launch_bounds__(kThreads)
+    combine_kernel(const typename Tr<DT>::S* grads, int64_t rs, int T, const int64_t* __restrict__ cstart,
+                   const int64_t* __restrict__ clen, const int64_t* __restrict__ cmod,
+                   const float* __restrict__ weights, typename Tr<OT>::S* out, bool vec_ok) {
+  // grads and out are deliberately not __restrict__: out may be one row of grads.
+  using S = typename Tr<DT>::S;
+  constexpr int VEC = Tr<DT>::VEC;
+  __shared__ float w[kMaxTasks];
+  const int64_t k = blockIdx.x;
+  const int64_t start = cstart[k];
+  const int64_t len = clen[k];
+  const int64_t m = cmod[k];
+  if (threadIdx.x < T) w[threadIdx.x] = weights[m * T + threadIdx.x];
+  __syncthreads();
+  const Split sp = split_chunk(start, len, VEC, vec_ok);
+
+  auto scalar = [&](int64_t e) {
+    const int64_t n = start + e;
+    float acc = 0.f;
+    for (int t = 0; t < T; ++t) acc = fmaf(w[t], Tr<DT>::load(grads + t * rs + n), acc);
+    Tr<OT>::store(out + n, acc);
+  };
+  for (int64_t e = threadIdx.x; e < sp.head; e += kThreads) scalar(e);
+  for (int64_t e = sp.tail + threadIdx.x; e < len; e += kThreads) scalar(e);
+
+  for (int64_t v = threadIdx.x; v < sp.nvec; v += kThreads) {
+    const int64_t n = start + sp.head + v * VEC;
+    float acc[VEC];
+#pragma unroll
+    for (int q = 0; q < VEC; ++q) acc[q] = 0.f;
+#pragma unroll 4
+    for (int t = 0; t < T; ++t) {
+      float x[VEC];
+      unpack<DT>(*reinterpret_cast<const uint4*>(grads + t * rs + n), x);
+      const float wt = w[t];
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) acc[q] = fmaf(wt, x[q], acc[q]);
+    }
+    store_vec<OT, VEC>(out + n, acc);  // all T rows of these elements were read above
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// host side
+// ---------------------------------------------------------------------------------------------------
+std::string cuda_error(const char* what, cudaError_t err) {
+  return std::string("mgs_cuda: ") + what + " failed: " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err);
+}
+
+std::string check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? std::string() : cuda_error(what, err);
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+int elem_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+std::string check_common(int64_t T, int64_t num_blocks) {
+  if (T < 1 || T > kMaxTasks) return "mgs_cuda: number of tasks must be in [1, 64], got " + std::to_string(T);
+  if (num_blocks > INT_MAX) return "mgs_cuda: too many chunks for one launch: " + std::to_string(num_blocks);
+  return std::string();
+}
+
+template <int DT>
+std::string launch_gram_partials(const void* grads_v, int64_t T, int64_t rs, const int64_t* cstart,
+                                 const int64_t* clen, int64_t num_chunks, float* partials, cudaStream_t stream) {
+  using S = typename Tr<DT>::S;
+  const S* grads = static_cast<const S*>(grads_v);
+  const bool vec_ok = aligned16(grads) && (rs * elem_size(DT)) % 16 == 0;
+  const dim3 grid(static_cast<unsigned>(num_chunks)), block(kThreads);
+  switch (T) {
+#define MGS_SMALL(TT)                                                                                 \
+  case TT:                                                                                            \
+    gram_small_kernel<TT, DT><<<grid, block, 0, stream>>>(grads, rs, cstart, clen, partials, vec_ok); \
+    break;
+    MGS_SMALL(1)
+    MGS_SMALL(2)
+    MGS_SMALL(3)
+    MGS_SMALL(4)
+    MGS_SMALL(5)
+    MGS_SMALL(6)
+    MGS_SMALL(7)
+    MGS_SMALL(8)
+#undef MGS_SMALL
+    default:
+      gram_generic_kernel<DT><<<grid, block, 0, stream>>>(grads, rs, static_cast<int>(T), cstart, clen, partials);
+  }
+  return check_launch("segmented Gram (partials) launch");
+}
+
+template <int DT, int OT>
+std::string launch_combine(const void* grads_v, int64_t T, int64_t rs, const int64_t* cstart, const int64_t* clen,
+                           const int64_t* cmod, int64_t num_chunks, const float* weights, void* out_v,
+                           cudaStream_t stream) {
+  using S = typename Tr<DT>::S;
+  using O = typename Tr<OT>::S;
+  const S* grads = static_cast<const S*>(grads_v);
+  O* out = static_cast<O*>(out_v);
+  const bool vec_ok = aligned16(grads) && (rs * elem_size(DT)) % 16 == 0 && aligned16(out);
+  combine_kernel<DT, OT><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
+      grads, rs, static_cast<int>(T), cstart, clen, cmod, weights, out, vec_ok);
+  return check_launch("segmented combine launch");
+}
+
+}  // namespace
+
+int64_t chunk_elems(int64_t T) { return T <= kSmallT ? 8192 : 16384; }
+
+std::string segmented_gram(const void* grads, int dtype, int64_t T, int64_t row_stride, const int64_t* chunk_start,
+                           const int64_t* chunk_len, int64_t num_chunks, const int64_t* chunk_first, int64_t M,
+                           float* partials, float* gram, void* stream_v) {
+  std::string err = check_common(T, num_chunks > M ? num_chunks : M);
+  if (!err.empty()) return err;
+  if (M == 0) return err;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_v);
+  if (num_chunks > 0) {
+    switch (dtype) {
+      case kFloat32: err = launch_gram_partials<kFloat32>(grads, T, row_stride, chunk_start, chunk_len, num_chunks, partials, stream); break;
+      case kBFloat16: err = launch_gram_partials<kBFloat16>(grads, T, row_stride, chunk_start, chunk_len, num_chunks, partials, stream); break;
+      case kFloat16: err = launch_gram_partials<kFloat16>(grads, T, row_stride, chunk_start, chunk_len, num_chunks, partials, stream); break;
+      default: return "mgs_cuda: unknown storage dtype code " + std::to_string(dtype);
+    }
+    if (!err.empty()) return err;
+  }
+  gram_cleanup_kernel<<<static_cast<unsigned>(M), kThreads, 0, stream>>>(partials, chunk_first, static_cast<int>(T), gram);
+  return check_launch("segmented Gram (cleanup) launch");
+}
+
+std::string pcgrad_weights(const float* gram, const int64_t* order, int64_t M, int64_t T, float eps, float* weights,
+                           void* stream_v) {
+  std::string err = check_common(T, M);
+  if (!err.empty() || M == 0) return err;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_v);
+  pcgrad_kernel<<<static_cast<unsigned>(M), kMaxTasks, 0, stream>>>(gram, order, static_cast<int>(T), eps, weights);
+  return check_launch("PCGrad solve launch");
+}
+
+std::string segmented_combine(const void* grads, int dtype, int64_t T, int64_t row_stride,
+                              const int64_t* chunk_start, const int64_t* chunk_len, const int64_t* chunk_module,
+                              int64_t num_chunks, const float* weights, void* out, int out_dtype, void* stream_v) {
+  std::string err = check_common(T, num_chunks);
+  if (!err.empty() || num_chunks == 0) return err;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_v);
+#define MGS_COMBINE(DT, OT)                                                                                     \
+  if (dtype == DT && out_dtype == OT)                                                                           \
+    return launch_combine<DT, OT>(grads, T, row_stride, chunk_start, chunk_len, chunk_module, num_chunks, weights, \
+                                  out, stream);
+  MGS_COMBINE(kFloat32, kFloat32)
+  MGS_COMBINE(kFloat32, kBFloat16)
+  MGS_COMBINE(kFloat32, kFloat16)
+  MGS_COMBINE(kBFloat16, kFloat32)
+  MGS_COMBINE(kBFloat16, kBFloat16)
+  MGS_COMBINE(kBFloat16, kFloat16)
+  MGS_COMBINE(kFloat16, kFloat32)
+  MGS_COMBINE(kFloat16, kBFloat16)
+  MGS_COMBINE(kFloat16, kFloat16)
+#undef MGS_COMBINE
+  return "mgs_cuda: unknown storage dtype codes " + std::to_string(dtype) + " / " + std::to_string(out_dtype);
+}
+
+std::string runtime_info() {
+  int rt = 0, drv = 0, count = 0;
+  std::string info;
+  cudaError_t err = cudaRuntimeGetVersion(&rt);
+  info += "runtime=" + (err == cudaSuccess ? std::to_string(rt) : std::string(cudaGetErrorName(err)));
+  err = cudaDriverGetVersion(&drv);
+  info += " driver=" + (err == cudaSuccess ? std::to_string(drv) : std::string(cudaGetErrorName(err)));
+  err = cudaGetDeviceCount(&count);
+  info += " devices=" + (err == cudaSuccess ? std::to_string(count) : std::string(cudaGetErrorName(err)));
+  if (err != cudaSuccess) cudaGetLastError();  // clear the sticky-free error state
+  return info;
+}
+
+}  // namespace mgs_cuda

@@ -1,0 +1,87 @@
+// pybind11 bindings of csrc/cpu as mgs_kernels._mgs_cpu.
+//
+// Every argument is a plain int (data pointers as integers, sizes, strides in elements, dtype codes):
+// the module links no torch C++ symbols. mgs_kernels validates the tensors before calling in here.
+// The GIL is released while a kernel runs.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "../csrc/cpu/mgs_cpu.h"
+
+namespace py = pybind11;
+
+namespace {
+template <typename T>
+T* ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+}  // namespace
+
+PYBIND11_MODULE(_mgs_cpu, m) {
+  m.doc() = "mgs_kernels native CPU kernels (C++/OpenMP); raw-pointer API, see mgs_kernels.backends.cpu_backend";
+  m.attr("DTYPE_FLOAT32") = static_cast<int>(mgs_cpu::kFloat32);
+  m.attr("DTYPE_BFLOAT16") = static_cast<int>(mgs_cpu::kBFloat16);
+  m.attr("DTYPE_FLOAT16") = static_cast<int>(mgs_cpu::kFloat16);
+  m.attr("MAX_TASKS") = static_cast<int64_t>(mgs_cpu::kMaxTasks);
+#ifdef _OPENMP
+  m.attr("OPENMP") = true;
+#else
+  m.attr("OPENMP") = false;
+#endif
+  m.def("isa", &mgs_cpu::isa, "instruction-set clone picked at load time");
+
+  m.def(
+      "segmented_gram",
+      [](std::uintptr_t grads, int dtype, int64_t T, int64_t row_stride, std::uintptr_t chunk_start,
+         std::uintptr_t chunk_len, int64_t num_chunks, std::uintptr_t chunk_first, int64_t M, std::uintptr_t gram,
+         int num_threads) {
+        py::gil_scoped_release nogil;
+        mgs_cpu::segmented_gram(ptr<const void>(grads), dtype, T, row_stride, ptr<const int64_t>(chunk_start),
+                                ptr<const int64_t>(chunk_len), num_chunks, ptr<const int64_t>(chunk_first), M,
+                                ptr<float>(gram), num_threads);
+      },
+      py::arg("grads"), py::arg("dtype"), py::arg("T"), py::arg("row_stride"), py::arg("chunk_start"),
+      py::arg("chunk_len"), py::arg("num_chunks"), py::arg("chunk_first"), py::arg("M"), py::arg("gram"),
+      py::arg("num_threads"));
+
+  m.def(
+      "pcgrad_weights",
+      [](std::uintptr_t gram, std::uintptr_t order, int64_t M, int64_t T, float eps, std::uintptr_t weights,
+         int num_threads) {
+        py::gil_scoped_release nogil;
+        mgs_cpu::pcgrad_weights(ptr<const float>(gram), ptr<const int64_t>(order), M, T, eps, ptr<float>(weights),
+                                num_threads);
+      },
+      py::arg("gram"), py::arg("order"), py::arg("M"), py::arg("T"), py::arg("eps"), py::arg("weights"),
+      py::arg("num_threads"));
+
+  m.def(
+      "segmented_combine",
+      [](std::uintptr_t grads, int dtype, int64_t T, int64_t row_stride, std::uintptr_t chunk_start,
+         std::uintptr_t chunk_len, std::uintptr_t chunk_module, int64_t num_chunks, std::uintptr_t weights,
+         std::uintptr_t out, int out_dtype, int num_threads) {
+        py::gil_scoped_release nogil;
+        mgs_cpu::segmented_combine(ptr<const void>(grads), dtype, T, row_stride, ptr<const int64_t>(chunk_start),
+                                   ptr<const int64_t>(chunk_len), ptr<const int64_t>(chunk_module), num_chunks,
+                                   ptr<const float>(weights), ptr<void>(out), out_dtype, num_threads);
+      },
+      py::arg("grads"), py::arg("dtype"), py::arg("T"), py::arg("row_stride"), py::arg("chunk_start"),
+      py::arg("chunk_len"), py::arg("chunk_module"), py::arg("num_chunks"), py::arg("weights"), py::arg("out"),
+      py::arg("out_dtype"), py::arg("num_threads"));
+
+  m.def(
+      "modular_pcgrad",
+      [](std::uintptr_t grads, int dtype, int64_t T, int64_t row_stride, std::uintptr_t chunk_start,
+         std::uintptr_t chunk_len, std::uintptr_t chunk_module, int64_t num_chunks, std::uintptr_t chunk_first,
+         int64_t M, std::uintptr_t order, float eps, std::uintptr_t out, int out_dtype, int num_threads) {
+        py::gil_scoped_release nogil;
+        mgs_cpu::modular_pcgrad(ptr<const void>(grads), dtype, T, row_stride, ptr<const int64_t>(chunk_start),
+                                ptr<const int64_t>(chunk_len), ptr<const int64_t>(chunk_module), num_chunks,
+                                ptr<const int64_t>(chunk_first), M, ptr<const int64_t>(order), eps, ptr<void>(out),
+                                out_dtype, num_threads);
+      },
+      py::arg("grads"), py::arg("dtype"), py::arg("T"), py::arg("row_stride"), py::arg("chunk_start"),
+      py::arg("chunk_len"), py::arg("chunk_module"), py::arg("num_chunks"), py::arg("chunk_first"), py::arg("M"),
+      py::arg("order"), py::arg("eps"), py::arg("out"), py::arg("out_dtype"), py::arg("num_threads"));
+}
