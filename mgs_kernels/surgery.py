@@ -9,7 +9,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import backends
+from . import _fused_step, backends
 from ._errors import MGSInputError
 from ._validate import check_eps
 from .distributed import DistContext, is_dtensor, unwrap_ddp
@@ -231,6 +231,9 @@ class ModularGradientSurgery:
         if self._out is None:
             self._out = torch.empty(self.partition.numel, dtype=self.dtype, device=self.device)
         self._backend.segmented_combine(self.buffer, self.partition.plan, weights, self._out)
+        self._point_grads_at_out()
+
+    def _point_grads_at_out(self) -> None:
         for s, touched in zip(self.partition.slots, self._touched):
             if not touched:
                 s.param.grad = None
@@ -313,8 +316,7 @@ class ModularGradientSurgery:
                 )
             stats.clip_coef = torch.clamp(float(max_grad_norm) / (total + 1e-6), max=1.0)
             weights = weights * stats.clip_coef
-        fused = getattr(self._backend, "fused_optimizer_step", None)
-        if fused is not None and fused(self, optimizer, weights, keep_grads):
+        if _fused_step.try_step(self, optimizer, weights, keep_grads):
             self._stale = True
             return stats
         self._write_grads(weights)

@@ -8,11 +8,31 @@ import copy
 import pytest
 import torch
 
+import types
+
 import mgs_kernels as mgs
-from mgs_kernels import backends
+from mgs_kernels import _fused_step, backends
 from models import lm_loss, task_batch, tiny_model
 
-BACKENDS = backends.usable_backends(torch.device("cpu"))
+# "reference-fused": the torch backend plus the plain-torch fused-step kernel, which checks the shared
+# host side (eligibility, torch-format state, slot tables) independently of any native kernel.
+BACKENDS = backends.usable_backends(torch.device("cpu")) + ["reference-fused"]
+FUSED_OPTIMIZERS = {"sgd", "sgd_momentum_nesterov_wd", "sgd_dampening_maximize", "adamw", "adam_amsgrad_wd"}
+
+
+def make_surgery(model, backend, **kw):
+    if backend != "reference-fused":
+        return mgs.ModularGradientSurgery(model, backend=backend, **kw), None
+    s = mgs.ModularGradientSurgery(model, backend="torch", **kw)
+    calls = []
+
+    def kernel(args):
+        calls.append(args.kind)
+        _fused_step.reference_kernel(args)
+
+    s._backend = types.SimpleNamespace(**{k: getattr(s._backend, k) for k in (
+        "segmented_gram", "pcgrad_weights", "segmented_combine")}, fused_optimizer_kernel=kernel)
+    return s, calls
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05),
@@ -36,8 +56,13 @@ def capture_all(s, model, step):
 
 
 def assert_states_equal(opt_a, opt_b, model_a, model_b, rtol=2e-5, atol=1e-7):
+    # Adam's update is ~lr per element whatever the gradient's size, so where surgery nearly cancels
+    # an element's gradient, float32 rounding of the combine (~1e-3 relative there) moves the
+    # parameter by ~1e-3 lr. Compare parameters to 1% of a step: a wrong bias correction, decay or
+    # formula is off by far more.
+    param_atol = max(atol, 1e-2 * opt_a.param_groups[0]["lr"]) if isinstance(opt_a, torch.optim.Adam) else atol
     for (na, pa), (_, pb) in zip(model_a.named_parameters(), model_b.named_parameters()):
-        torch.testing.assert_close(pa, pb, rtol=rtol, atol=atol, msg=f"parameter {na}")
+        torch.testing.assert_close(pa, pb, rtol=rtol, atol=param_atol, msg=f"parameter {na}")
         sa, sb = opt_a.state.get(pa, {}), opt_b.state.get(pb, {})
         assert sa.keys() == sb.keys(), na
         for key in sa:
@@ -56,8 +81,8 @@ def test_step_equals_resolve_clip_step(backend, opt_name, max_norm):
     model_a = tiny_model("llama", seed=5)
     model_b = copy.deepcopy(model_a)
     opt_a, opt_b = OPTIMIZERS[opt_name](model_a.parameters()), OPTIMIZERS[opt_name](model_b.parameters())
-    s_a = mgs.ModularGradientSurgery(model_a, num_tasks=3, partition="module", seed=2, backend=backend)
-    s_b = mgs.ModularGradientSurgery(model_b, num_tasks=3, partition="module", seed=2, backend=backend)
+    s_a, calls = make_surgery(model_a, backend, num_tasks=3, partition="module", seed=2)
+    s_b = mgs.ModularGradientSurgery(model_b, num_tasks=3, partition="module", seed=2, backend="torch")
     clipped = False
     for step in range(3):
         capture_all(s_a, model_a, step)
@@ -83,12 +108,15 @@ def test_step_equals_resolve_clip_step(backend, opt_name, max_norm):
         torch.nn.utils.clip_grad_norm_(model_b.parameters(), max_norm)
     opt_b.step()
     assert_states_equal(opt_a, opt_b, model_a, model_b)
+    if calls is not None:
+        assert len(calls) == (4 if opt_name in FUSED_OPTIMIZERS else 0), "fused path ran / fell back as expected"
 
 
-def test_keep_grads_leaves_clipped_combined_gradient():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keep_grads_leaves_clipped_combined_gradient(backend):
     model_a = tiny_model("qwen2", seed=1)
     model_b = copy.deepcopy(model_a)
-    s_a = mgs.ModularGradientSurgery(model_a, num_tasks=3, seed=4)
+    s_a, _ = make_surgery(model_a, backend, num_tasks=3, seed=4)
     s_b = mgs.ModularGradientSurgery(model_b, num_tasks=3, seed=4)
     capture_all(s_a, model_a, 0)
     s_a.step(torch.optim.SGD(model_a.parameters(), lr=0.0), max_grad_norm=0.01, keep_grads=True)
