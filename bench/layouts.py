@@ -128,6 +128,14 @@ def qwen25_7b(scale: float = 1.0) -> Layout:
                     kv_out=512, vocab=152064, qkv_bias=True)
 
 
+def llama31_70b(scale: float = 1.0) -> Layout:
+    """Llama-3.1-70B: 80 layers, hidden 8192, MLP 28672, 64 heads / 8 KV heads of 128, vocab 128256,
+    untied lm_head: 723 tensors, 7.06e10 elements at scale 1. Used by comm_bytes.py; not in the
+    default benchmark grid (it would not fit a single device unscaled anyway)."""
+    return _decoder("llama3.1-70b", scale, hidden=8192, intermediate=28672, layers=80, q_out=8192,
+                    kv_out=1024, vocab=128256, qkv_bias=False)
+
+
 # Adding a model layout is one line here.
 LAYOUTS: Dict[str, Callable[[float], Layout]] = {
     "llama3.1-8b": llama31_8b,
