@@ -362,6 +362,16 @@ class ModularGradientSurgery:
         self._hooks = []
 
     @property
+    def capturing(self) -> Optional[int]:
+        """The task whose capture window is open, or None outside any window."""
+        return self._task
+
+    @property
+    def resolved(self) -> bool:
+        """True between a ``resolve()`` / ``step()`` and the next capture (``p.grad`` holds the result)."""
+        return self._stale
+
+    @property
     def module_names(self) -> List[str]:
         return self.partition.names
 

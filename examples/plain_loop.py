@@ -1,0 +1,123 @@
+"""MGS in a plain PyTorch loop, and an honest comparison: naive mixing vs global surgery (GGS) vs MGS.
+
+A tiny Llama (from a config, no downloads) learns three synthetic "domains" over one vocabulary:
+counting up, counting down in steps of 3, and repeating a 4-token motif. Each method trains from the same
+initial weights, on the same batches, for the same steps; per-task held-out losses are printed at the end,
+with the conflict statistics MGS saw and a conflict heatmap (cosine per block x module type).
+
+    python examples/plain_loop.py [--steps 400] [--seeds 0 1 2] [--out mgs_plain_heatmap.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import mgs_kernels as mgs
+
+VOCAB = 64
+TASKS = ["count_up", "count_down", "motif"]
+
+
+def make_model(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def task_batch(task: int, gen: torch.Generator, batch: int = 8, seq: int = 24) -> torch.Tensor:
+    start = torch.randint(0, VOCAB, (batch, 1), generator=gen)
+    pos = torch.arange(seq)
+    if task == 0:
+        return (start + pos) % VOCAB
+    if task == 1:
+        return (start - 3 * pos) % VOCAB
+    motif = torch.randint(0, VOCAB, (batch, 4), generator=gen)
+    return motif.repeat(1, seq // 4)
+
+
+def loss_of(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def train(method: str, seed: int, steps: int, lr: float):
+    model = make_model(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    surgery = None
+    if method != "naive":
+        surgery = mgs.ModularGradientSurgery(model, num_tasks=3, partition="global" if method == "ggs" else "module",
+                                             seed=seed)
+    gen = torch.Generator().manual_seed(1000 + seed)  # same batches for every method
+    history = []
+    for _ in range(steps):
+        batches = [task_batch(t, gen) for t in range(3)]
+        opt.zero_grad(set_to_none=True)
+        if surgery is None:
+            sum(loss_of(model, b) for b in batches).backward()   # naive mixing: the plain sum of task losses
+        else:
+            for t, b in enumerate(batches):                       # one capture window per task
+                with surgery.capture(t):
+                    loss_of(model, b).backward()
+            history.append(surgery.resolve())                     # modular (or global) PCGrad into p.grad
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    eval_gen = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        model.eval()
+        held_out = [loss_of(model, task_batch(t, eval_gen, batch=64)).item() for t in range(3)]
+    return held_out, history
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--out", default="mgs_plain_heatmap.png")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+
+    results = {}
+    mgs_history = None
+    for method in ("naive", "ggs", "mgs"):
+        for seed in args.seeds:
+            t0 = time.perf_counter()
+            held_out, history = train(method, seed, args.steps, args.lr)
+            results[(method, seed)] = held_out
+            if method == "mgs" and seed == args.seeds[0]:
+                mgs_history = history
+            print(f"{method:5s} seed {seed}: held-out loss " + "  ".join(f"{n}={v:.3f}" for n, v in zip(TASKS, held_out))
+                  + f"  mean={sum(held_out) / 3:.3f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    print("\nmean over seeds (lower is better):")
+    for method in ("naive", "ggs", "mgs"):
+        per_task = [sum(results[(method, s)][t] for s in args.seeds) / len(args.seeds) for t in range(3)]
+        print(f"  {method:5s} " + "  ".join(f"{n}={v:.3f}" for n, v in zip(TASKS, per_task))
+              + f"  mean={sum(per_task) / 3:.3f}")
+
+    first, last = mgs_history[0].scalars(), mgs_history[-1].scalars()
+    frac = [h.scalars()["mgs/conflict_pair_fraction"] for h in mgs_history]
+    print(f"\nMGS conflicts (seed {args.seeds[0]}): fraction of (module, task-pair) cells in conflict "
+          f"first step {frac[0]:.2f}, mean {sum(frac) / len(frac):.2f}, last step {frac[-1]:.2f}")
+    for key in ("mgs/cos/0-1", "mgs/cos/0-2", "mgs/cos/1-2"):
+        print(f"  whole-model cosine {key[-3:]}: first {first[key]:+.3f}  last {last[key]:+.3f}")
+    for kind in ("attn", "mlp", "embed", "head", "norm"):
+        k = f"mgs/{kind}/conflict_fraction"
+        if k in last:
+            print(f"  {kind:5s} conflict fraction, mean over steps: {sum(h.scalars()[k] for h in mgs_history) / len(mgs_history):.2f}")
+    try:
+        from mgs_kernels import plots
+
+        plots.cosine_heatmap(mgs_history[-1], tasks=(0, 1), path=args.out, task_names=TASKS)
+        print(f"conflict heatmap (cos count_up vs count_down per block x module type, last step): {args.out}")
+    except ImportError as exc:
+        print(f"(no heatmap: {exc})")
+
+
+if __name__ == "__main__":
+    main()
