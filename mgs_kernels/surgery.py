@@ -44,6 +44,9 @@ class ModularGradientSurgery:
         backend: "auto" | "torch" | "cpu" | "cuda" | "triton".
         exclude: module-name patterns that get the plain sum (see ``build_partition``).
         eps: conflict test ``g_i' . g_j < 0 and |g_j|^2 > eps``.
+        top_k: apply surgery only to the ``top_k`` modules whose summed task gradient (the plain
+            update, norm sqrt(1^T G 1)) is largest this step; the others get the plain sum (the paper's
+            "top-norm modules" ablation). Chosen on device from the Gram matrices, no host sync.
         check_alignment: verify at ``resolve()`` that every rank ran the same task windows (one
             32-byte all-reduce). Default: on for FSDP2 models, off for DDP (no communication beyond
             DDP's own), irrelevant in a single process.
@@ -63,6 +66,7 @@ class ModularGradientSurgery:
         backend: str = "auto",
         exclude: ExcludeSpec = None,
         eps: float = 0.0,
+        top_k: Optional[int] = None,
         check_alignment: Optional[bool] = None,
     ):
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
@@ -72,6 +76,9 @@ class ModularGradientSurgery:
         inner, ddp_group = unwrap_ddp(model)
         self.partition = build_partition(inner, partition, exclude)
         self.eps = check_eps(eps)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise MGSInputError(f"top_k must be None or an int >= 0, got {top_k!r}")
+        self.top_k = top_k
         slots = self.partition.slots
         self.dist = DistContext.detect(inner, ddp_group, [(s.name, s.param) for s in slots], check_alignment)
         devices = {s.param.device for s in slots}
@@ -221,10 +228,22 @@ class ModularGradientSurgery:
         gram = self.dist.reduce_gram(self._backend.segmented_gram(self.buffer, self.partition.plan))
         order = self._order_table()
         weights = self._backend.pcgrad_weights(gram, order, self.eps)
-        weights = torch.where(self._excluded.unsqueeze(1), torch.ones_like(weights), weights)
+        plain = self._plain_sum_mask(gram)
+        weights = torch.where(plain.unsqueeze(1), torch.ones_like(weights), weights)
         part = self.partition
-        return SurgeryStats(gram, weights, part.names, part.kinds, self._excluded, order=order, eps=self.eps,
+        return SurgeryStats(gram, weights, part.names, part.kinds, plain, order=order, eps=self.eps,
                             module_layers=part.layers)
+
+    def _plain_sum_mask(self, gram: torch.Tensor) -> torch.Tensor:
+        """bool [M]: modules that get the plain sum (excluded, or outside this step's top_k)."""
+        mask = self._excluded
+        M = gram.shape[0]
+        if self.top_k is not None and self.top_k < M:
+            plain_norm_sq = gram.sum(dim=(1, 2)).masked_fill(self._excluded, float("-inf"))
+            keep = torch.zeros(M, dtype=torch.bool, device=gram.device)
+            keep[torch.topk(plain_norm_sq, self.top_k).indices] = True
+            mask = mask | ~keep
+        return mask
 
     def _write_grads(self, weights: torch.Tensor) -> None:
         """Stage 3: combine into the result buffer and point every touched ``p.grad`` at it."""

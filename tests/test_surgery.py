@@ -261,3 +261,24 @@ def test_backward_outside_capture_is_left_alone():
     model(torch.randn(2, 3)).sum().backward()
     assert (s.buffer == 0).all()
     assert model.weight.grad is not None
+
+
+def test_top_k_applies_surgery_to_the_largest_modules_only():
+    model = tiny_model("llama", seed=6)
+    T, k = 3, 3
+    batches = [task_batch(t) for t in range(T)]
+    s = mgs.ModularGradientSurgery(model, num_tasks=T, partition="module", seed=8, top_k=k, exclude="*.norm")
+    part = s.partition
+    order = mgs.random_order(part.num_modules, T, generator=torch.Generator().manual_seed(8))
+    flat = per_task_flat(model, part, [[lambda b=b: lm_loss(model, b)] for b in batches])
+    # The k largest modules by the norm of the plain summed gradient, among those not excluded.
+    b = part.offsets.tolist()
+    norms = [flat[:, b[m]:b[m + 1]].sum(0).norm().item() if not part.excluded[m] else -1.0
+             for m in range(part.num_modules)]
+    top = sorted(range(part.num_modules), key=lambda m: -norms[m])[:k]
+    expected = expected_result(model, part, [[lambda b=b: lm_loss(model, b)] for b in batches], order,
+                               exclude_mask=[m not in top for m in range(part.num_modules)])
+    stats = s.backward([lm_loss(model, b) for b in batches])
+    assert_close_to_reference(collected_grads(part), expected, part.offsets, 2e-4)
+    assert stats.excluded.tolist() == [m not in top for m in range(part.num_modules)]
+    assert any((stats.weights[m] != 1).any() for m in top)  # surgery did act on the chosen modules

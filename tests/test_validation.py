@@ -165,6 +165,8 @@ def test_surgery_bad_construction():
         mgs.ModularGradientSurgery(_model(), num_tasks=2, exclude=["*attention*"])
     with pytest.raises(MGSInputError, match="dtype"):
         mgs.ModularGradientSurgery(_model(), num_tasks=2, dtype=torch.float64)
+    with pytest.raises(MGSInputError, match="top_k"):
+        mgs.ModularGradientSurgery(_model(), num_tasks=2, top_k=-1)
     frozen = _model().requires_grad_(False)
     with pytest.raises(MGSInputError, match="no trainable"):
         mgs.ModularGradientSurgery(frozen, num_tasks=2)
