@@ -72,3 +72,26 @@ def rng(request):
 
 def reference_result(grads: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     return reference.modular_pcgrad(grads, offsets, order=order, eps=eps, dtype=torch.float64)
+
+
+def property_case(T, sizes, seed, scale, dtype, eps, margin=1e-4):
+    """One hypothesis case: (grads, offsets, order, float64 reference), or None where PCGrad decisions
+    (or |g_j|^2 against eps) sit within rounding of the threshold. Some draws make one task the exact
+    negative of another, or zero."""
+    from mgs_kernels import random_order
+
+    gen = torch.Generator().manual_seed(seed)
+    grads = (torch.randn(T, sum(sizes), generator=gen) * scale).to(dtype)
+    if T >= 2 and seed % 3 == 0:
+        grads[1] = -grads[0]
+    if T >= 3 and seed % 5 == 0:
+        grads[2] = 0
+    offsets = offsets_from_sizes(sizes)
+    order = random_order(len(sizes), T, generator=gen)
+    gram64 = reference.gram(grads, offsets)
+    if reference.decision_margin(gram64, order, eps) <= margin:
+        return None
+    diag = torch.diagonal(gram64, dim1=1, dim2=2)
+    if not ((diag - eps).abs() > 1e-3 * diag.clamp_min(1e-30)).all():
+        return None
+    return grads, offsets, order, reference_result(grads, offsets, order, eps)

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 import mgs_kernels as mgs
 from mgs_kernels import backends, reference
 
-from conftest import assert_close_to_reference, offsets_from_sizes, random_sizes, reference_result, storage_rtol
+from conftest import (assert_close_to_reference, offsets_from_sizes, property_case, random_sizes,
+                      reference_result, storage_rtol)
 
 DEVICE = torch.device("cpu")
 BACKENDS = backends.usable_backends(DEVICE)
@@ -213,20 +214,9 @@ def test_reference_random_order_matches_fused_random_order():
     eps=st.sampled_from([0.0, 1e-12, 0.5]),
 )
 def test_property_modular_pcgrad(T, sizes, seed, scale, dtype, eps):
-    gen = torch.Generator().manual_seed(seed)
-    grads = (torch.randn(T, sum(sizes), generator=gen) * scale).to(dtype)
-    # Sometimes make one task the exact negative of another, or zero.
-    if T >= 2 and seed % 3 == 0:
-        grads[1] = -grads[0]
-    if T >= 3 and seed % 5 == 0:
-        grads[2] = 0
-    offsets = offsets_from_sizes(sizes)
-    order = mgs.random_order(len(sizes), T, generator=gen)
-    gram64 = reference.gram(grads, offsets)
-    assume(reference.decision_margin(gram64, order, eps) > MARGIN)
-    diag = torch.diagonal(gram64, dim1=1, dim2=2)
-    assume(((diag - eps).abs() > 1e-3 * diag.clamp_min(1e-30)).all())  # |g_j|^2 not within rounding of eps
-    ref = reference_result(grads, offsets, order, eps)
+    case = property_case(T, sizes, seed, scale, dtype, eps, MARGIN)
+    assume(case is not None)
+    grads, offsets, order, ref = case
     for backend in BACKENDS:
         out = mgs.modular_pcgrad(grads, offsets, order=order, eps=eps, backend=backend)
         assert_close_to_reference(out, ref, offsets, storage_rtol(dtype), grads)

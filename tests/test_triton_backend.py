@@ -26,7 +26,8 @@ from mgs_kernels import reference  # noqa: E402
 from mgs_kernels._plan import get_plan  # noqa: E402
 from mgs_kernels.backends import torch_backend, triton_backend  # noqa: E402
 
-from conftest import assert_close_to_reference, offsets_from_sizes, random_sizes, reference_result, storage_rtol  # noqa: E402
+from conftest import (assert_close_to_reference, offsets_from_sizes, property_case, random_sizes,  # noqa: E402
+                      reference_result, storage_rtol)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -351,21 +352,11 @@ def test_bitwise_identical_reruns(rng):
     eps=st.sampled_from([0.0, 1e-12, 0.5]),
 )
 def test_property_modular_pcgrad(T, sizes, seed, scale, dtype, eps):
-    gen = torch.Generator().manual_seed(seed)
-    grads = (torch.randn(T, sum(sizes), generator=gen) * scale).to(dtype)
-    if T >= 2 and seed % 3 == 0:
-        grads[1] = -grads[0]
-    if T >= 3 and seed % 5 == 0:
-        grads[2] = 0
-    offsets = offsets_from_sizes(sizes)
-    order = mgs.random_order(len(sizes), T, generator=gen)
-    gram64 = reference.gram(grads, offsets)
-    assume(reference.decision_margin(gram64, order, eps) > MARGIN)
-    diag = torch.diagonal(gram64, dim1=1, dim2=2)
-    assume(((diag - eps).abs() > 1e-3 * diag.clamp_min(1e-30)).all())
-    ref = reference_result(grads, offsets, order, eps)
+    case = property_case(T, sizes, seed, scale, dtype, eps, MARGIN)
+    assume(case is not None)
+    grads, offsets, order, ref = case
     out = mgs.modular_pcgrad(grads.to(DEVICE), offsets.to(DEVICE), order=order.to(DEVICE), eps=eps, backend="triton")
-    assert_close_to_reference(out, ref, offsets, storage_rtol(dtype))
+    assert_close_to_reference(out, ref, offsets, storage_rtol(dtype), grads)
 
 
 # ---------------------------------------------------------------------------------------- GPU only
