@@ -90,12 +90,14 @@ def check_equal(model, expected, what):
         assert err <= 2e-4 * scale + 1e-7, f"{what}: {name} differs by {err:.3e} (scale {scale:.3e})"
 
 
-def fsdp_model(world):
+def fsdp_model(world, hsdp=False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     net = make_net()
-    mesh = init_device_mesh("cpu", (world,))
+    # HSDP: 2 replicas x (world / 2) shards; gradients are all-reduced across replicas by FSDP itself.
+    mesh = (init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if hsdp
+            else init_device_mesh("cpu", (world,)))
     for block in net.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(net, mesh=mesh)
@@ -121,9 +123,11 @@ def run_steps(model, surgery, rank, micro_counts, interleave):
 def scenario_matches_single_process(rank, world, kind, partition):
     seed = 7
     counts = lambda r, t: 1 + (r + t) % 2  # noqa: E731 - uneven micro-batch counts per rank
-    model = fsdp_model(world) if kind == "fsdp" else ddp_model()
+    model = fsdp_model(world, hsdp=kind == "hsdp") if kind in ("fsdp", "hsdp") else ddp_model()
     surgery = mgs.ModularGradientSurgery(model, num_tasks=T, partition=partition, seed=seed)
-    assert surgery.dist.kind == kind
+    assert surgery.dist.kind == ("fsdp" if kind == "hsdp" else kind)
+    if kind == "hsdp":  # the Gram all-reduce runs over the shard dimension only
+        assert dist.get_world_size(surgery.dist.group) == world // 2
     run_steps(model, surgery, rank, counts, interleave=(partition == "module"))
     check_equal(model, expected_grads(partition, world, counts, seed), f"{kind}/{partition}/world{world}")
     # The optimizer can step on the resolved (sharded) gradients.

@@ -35,7 +35,7 @@ def test_two_ranks_fsdp_ddp_and_failure_modes():
     launch(2, scenarios)
 
 
-def test_four_ranks_fsdp_and_ddp_with_empty_shards():
-    scenarios = [("scenario_matches_single_process", (kind, p)) for kind in ("fsdp", "ddp") for p in PARTITIONS]
+def test_four_ranks_fsdp_hsdp_and_ddp_with_empty_shards():
+    scenarios = [("scenario_matches_single_process", (kind, p)) for kind in ("fsdp", "hsdp", "ddp") for p in PARTITIONS]
     scenarios += [("scenario_aligned_schedule", ())]
     launch(4, scenarios)
