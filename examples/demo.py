@@ -60,7 +60,7 @@ def main() -> None:
     surgery = mgs.ModularGradientSurgery(model, num_tasks=args.tasks, partition=args.partition,
                                          seed=args.seed, backend=args.backend)
     part = surgery.partition
-    be = surgery._backend.__name__.rsplit(".", 1)[-1].replace("_backend", "")
+    be = surgery.backend_name
     print(f"tiny Llama: {part.numel:,} parameters in {part.num_modules} modules (partition={args.partition}), "
           f"T={args.tasks}, backend={be}, available={mgs.available_backends()}")
     print(f"{'step':>4} | " + " ".join(f"loss[{t}]" for t in range(args.tasks))
@@ -78,15 +78,12 @@ def main() -> None:
                 loss.backward()
             losses.append(loss.item())
 
-        # The loop sees the same captured gradients and the same visit order as the fused path.
-        order_state = surgery._generator.get_state()
         t0 = time.perf_counter()
         stats = surgery.resolve()
         fused_ms = (time.perf_counter() - t0) * 1e3
-        order_gen = torch.Generator()
-        order_gen.set_state(order_state)
+        # The loop sees the same captured gradients and the same visit order (stats.order) as the fused path.
         t0 = time.perf_counter()
-        looped = reference.modular_pcgrad(surgery.buffer, part.offsets, order="random", generator=order_gen)
+        looped = reference.modular_pcgrad(surgery.buffer, part.offsets, order=stats.order)
         loop_ms = (time.perf_counter() - t0) * 1e3
         fused = torch.cat([s.param.grad.reshape(-1) for s in part.slots])
         rel = ((fused - looped).abs().max() / looped.abs().max().clamp_min(1e-30)).item()

@@ -381,6 +381,11 @@ class ModularGradientSurgery:
         self._hooks = []
 
     @property
+    def backend_name(self) -> str:
+        """The backend this surgery runs on ("torch", "cpu", "cuda" or "triton"; "auto" resolved)."""
+        return getattr(self._backend, "__name__", "").rsplit(".", 1)[-1].replace("_backend", "")
+
+    @property
     def capturing(self) -> Optional[int]:
         """The task whose capture window is open, or None outside any window."""
         return self._task
