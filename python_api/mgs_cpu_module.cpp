@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "../csrc/cpu/mgs_cpu.h"
+#include "../csrc/mgs_fused_step.h"
 
 namespace py = pybind11;
 
@@ -29,6 +30,12 @@ PYBIND11_MODULE(_mgs_cpu, m) {
 #else
   m.attr("OPENMP") = false;
 #endif
+  {
+    py::dict cols;
+    for (const auto& c : mgs_fused::kHyperColumns) cols[c.name] = c.index;
+    m.attr("FUSED_CONSTANTS") = cols;  // checked against mgs_kernels._fused_step at load
+  }
+  m.attr("NO_OUTPUT") = mgs_fused::kNoOutput;
   m.def("isa", &mgs_cpu::isa, "instruction-set clone picked at load time");
 
   m.def(
@@ -84,4 +91,26 @@ PYBIND11_MODULE(_mgs_cpu, m) {
       py::arg("grads"), py::arg("dtype"), py::arg("T"), py::arg("row_stride"), py::arg("chunk_start"),
       py::arg("chunk_len"), py::arg("chunk_module"), py::arg("num_chunks"), py::arg("chunk_first"), py::arg("M"),
       py::arg("order"), py::arg("eps"), py::arg("out"), py::arg("out_dtype"), py::arg("num_threads"));
+
+  m.def(
+      "fused_step",
+      [](std::uintptr_t grads, int dtype, int64_t T, int64_t row_stride, std::uintptr_t chunk_start,
+         std::uintptr_t chunk_len, std::uintptr_t chunk_slot, std::uintptr_t slot_first, int64_t num_chunks, int64_t S,
+         std::uintptr_t active, std::uintptr_t slot_weights, std::uintptr_t param_ptr, std::uintptr_t state1_ptr,
+         std::uintptr_t state2_ptr, std::uintptr_t state3_ptr, std::uintptr_t hyper, std::uintptr_t grad_out,
+         int out_dtype, int kind, int num_threads) {
+        py::gil_scoped_release nogil;
+        mgs_cpu::fused_step(ptr<const void>(grads), dtype, T, row_stride, ptr<const int64_t>(chunk_start),
+                            ptr<const int64_t>(chunk_len), ptr<const int64_t>(chunk_slot),
+                            ptr<const int64_t>(slot_first), num_chunks, S, ptr<const int32_t>(active),
+                            ptr<const float>(slot_weights), ptr<const int64_t>(param_ptr),
+                            ptr<const int64_t>(state1_ptr), ptr<const int64_t>(state2_ptr),
+                            ptr<const int64_t>(state3_ptr), ptr<const float>(hyper), ptr<void>(grad_out), out_dtype,
+                            kind, num_threads);
+      },
+      py::arg("grads"), py::arg("dtype"), py::arg("T"), py::arg("row_stride"), py::arg("chunk_start"),
+      py::arg("chunk_len"), py::arg("chunk_slot"), py::arg("slot_first"), py::arg("num_chunks"), py::arg("S"),
+      py::arg("active"), py::arg("slot_weights"), py::arg("param_ptr"), py::arg("state1_ptr"),
+      py::arg("state2_ptr"), py::arg("state3_ptr"), py::arg("hyper"), py::arg("grad_out"), py::arg("out_dtype"),
+      py::arg("kind"), py::arg("num_threads"));
 }

@@ -18,11 +18,15 @@
 // * ISA: no -march=native. On x86-64 with GCC/Clang the per-chunk kernels are built as target_clones
 //   (x86-64-v4 / x86-64-v3 / baseline) and the best one is picked at load time by the ifunc resolver.
 //   Different clones may differ in the last bits (FMA contraction); one machine always runs the same clone.
+// * Fused optimizer step: see the section "Fused optimizer step" (one pass, sub-blocks of 1024 elements).
 // * NaN / Inf are never masked: padding lanes are zero in every row (0 * 0), and no task is skipped
 //   because its weight is zero.
 #include "mgs_cpu.h"
 
+#include "../mgs_fused_step.h"
+
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -325,6 +329,215 @@ CombineChunkFn combine_chunk_fn(int dtype, int out_dtype) {
   return table[dtype][out_dtype];
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Fused optimizer step
+// ---------------------------------------------------------------------------------------------------
+// A chunk (inside one slot) is walked in sub-blocks of kStepBlock elements: the combined gradient of the
+// sub-block is accumulated from all T rows into an fp32 scratch (the combine's exact arithmetic), stored
+// to grad_out if asked, then the update loop streams parameter and state once. The optimizer flags are
+// uniform per slot, so the update loops are instantiated per flag combination (no per-element branches).
+// Arithmetic follows torch's CPU kernels op by op (see the comments); x + a * y is written so that the
+// compiler may contract it to an FMA exactly where torch's vectorized kernels use vec::fmadd.
+constexpr int64_t kStepBlock = 1024;
+using mgs_fused::kNumHyper;
+
+struct FusedCtx {
+  const void* grads;
+  int64_t T, row_stride;
+  const int64_t *chunk_start, *chunk_len, *chunk_slot, *slot_first;
+  const int32_t* active;
+  const float* weights;
+  const int64_t *param_ptr, *state1_ptr, *state2_ptr, *state3_ptr;
+  const float* hyper;
+  void* out;
+  int out_dtype;
+  int kind;
+};
+
+template <int DT>
+MGS_INLINE void step_accumulate(const void* grads_v, int64_t T, int64_t rs, int64_t n0, int64_t n,
+                                const float* MGS_RESTRICT w, float* MGS_RESTRICT acc) {
+  using S = Storage<DT>;
+  const typename S::type* grads = static_cast<const typename S::type*>(grads_v);
+  {
+    const typename S::type* MGS_RESTRICT src = grads + n0;
+    const float w0 = w[0];
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) acc[e] = w0 * S::load(src, e);
+  }
+  for (int64_t t = 1; t < T; ++t) {
+    const typename S::type* MGS_RESTRICT src = grads + t * rs + n0;
+    const float wt = w[t];
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) acc[e] += wt * S::load(src, e);
+  }
+}
+
+template <int OT>
+MGS_INLINE void step_store(void* out_v, int64_t n0, int64_t n, const float* MGS_RESTRICT acc) {
+  using O = Storage<OT>;
+  typename O::type* MGS_RESTRICT dst = static_cast<typename O::type*>(out_v) + n0;
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) O::store(dst, e, acc[e]);
+}
+
+// torch.optim.SGD (_single_tensor_sgd):
+//   grad = -grad if maximize;  grad = grad.add(param, alpha=wd)                 -> g + wd * p
+//   buf = grad.clone() (first) | buf.mul_(momentum).add_(grad, alpha=1-damp)     -> (buf * mom) + keep * g
+//   grad = grad.add(buf, alpha=momentum) (nesterov) | buf                         -> g + mom * buf
+//   param.add_(grad, alpha=-lr)                                                   -> p + (-lr) * g
+template <bool WD, bool MOM, bool FIRST, bool NEST>
+MGS_INLINE void sgd_block(float* MGS_RESTRICT p, float* MGS_RESTRICT buf, const float* MGS_RESTRICT acc, int64_t n,
+                          bool neg, const float* h) {
+  const float wd = h[mgs_fused::kWD], mom = h[mgs_fused::kMomentum], keep = h[mgs_fused::kDampeningKeep];
+  const float neg_lr = -h[mgs_fused::kLR];
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) {
+    float g = neg ? -acc[e] : acc[e];
+    const float pe = p[e];
+    if (WD) g = g + wd * pe;
+    if (MOM) {
+      float b;
+      if (FIRST) {
+        b = g;
+      } else {
+        const float decayed = buf[e] * mom;
+        b = decayed + keep * g;
+      }
+      buf[e] = b;
+      g = NEST ? g + mom * b : b;
+    }
+    p[e] = pe + neg_lr * g;
+  }
+}
+
+// torch.optim.Adam / AdamW (_single_tensor_adam, CPU kernels):
+//   grad = -grad if maximize
+//   param.mul_(1 - lr * wd) (decoupled) | grad = grad.add(param, alpha=wd)       -> p * decay | g + wd * p
+//   exp_avg.lerp_(grad, 1 - beta1)            lerp_vec: fmadd(w < .5 ? w : w - 1, g - m, w < .5 ? m : g)
+//   exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)                -> (v * b2) + ((1-b2) * g) * g
+//   torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq) (amsgrad; NaN propagates)
+//   denom = (vv.sqrt() / bias_correction2_sqrt).add_(eps)                        -> sqrt(vv) / bc2 + eps
+//   param.addcdiv_(exp_avg, denom, value=-step_size)                            -> p + ((-step) * m) / denom
+template <int WDM, bool AMS>  // WDM: 0 no weight decay, 1 L2 (added to the gradient), 2 decoupled
+MGS_INLINE void adam_block(float* MGS_RESTRICT p, float* MGS_RESTRICT m, float* MGS_RESTRICT v,
+                           float* MGS_RESTRICT vmax, const float* MGS_RESTRICT acc, int64_t n, bool neg,
+                           const float* h) {
+  const float wd = h[mgs_fused::kWD], decay = h[mgs_fused::kDecay];
+  const float w1 = h[mgs_fused::kOneMinusBeta1];
+  const bool small = std::fabs(w1) < 0.5f;
+  const float coeff = small ? w1 : w1 - 1.f;
+  const float beta2 = h[mgs_fused::kBeta2], omb2 = h[mgs_fused::kOneMinusBeta2];
+  const float eps = h[mgs_fused::kEps], bc2 = h[mgs_fused::kBC2Sqrt];
+  const float neg_step = -h[mgs_fused::kStepSize];
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) {
+    float g = neg ? -acc[e] : acc[e];
+    float pe = p[e];
+    if (WDM == 1) g = g + wd * pe;
+    if (WDM == 2) pe = pe * decay;
+    const float me = m[e];
+    const float mn = (small ? me : g) + coeff * (g - me);
+    const float vd = v[e] * beta2;
+    const float vn = vd + (omb2 * g) * g;
+    float vv = vn;
+    if (AMS) {
+      const float a = vmax[e];
+      float r = a > vn ? a : vn;
+      r = (vn != vn) ? vn : r;
+      r = (a != a) ? a : r;
+      vmax[e] = r;
+      vv = r;
+    }
+    const float denom = std::sqrt(vv) / bc2 + eps;
+    p[e] = pe + (neg_step * mn) / denom;
+    m[e] = mn;
+    v[e] = vn;
+  }
+}
+
+MGS_INLINE void update_block(const FusedCtx& c, const float* h, float* p, float* s1, float* s2, float* s3,
+                             const float* acc, int64_t n) {
+  using namespace mgs_fused;
+  const bool neg = h[kMaximize] != 0.f;
+  const bool wd = h[kWD] != 0.f;
+  if (c.kind == kSGD) {
+    const bool mom = h[kHasMomentum] != 0.f, first = h[kFirst] != 0.f, nest = h[kNesterov] != 0.f;
+#define MGS_SGD(W, M, F, N) sgd_block<W, M, F, N>(p, s1, acc, n, neg, h)
+    if (!mom) {
+      if (wd) MGS_SGD(true, false, false, false); else MGS_SGD(false, false, false, false);
+    } else if (first) {
+      if (wd) {
+        if (nest) MGS_SGD(true, true, true, true); else MGS_SGD(true, true, true, false);
+      } else {
+        if (nest) MGS_SGD(false, true, true, true); else MGS_SGD(false, true, true, false);
+      }
+    } else {
+      if (wd) {
+        if (nest) MGS_SGD(true, true, false, true); else MGS_SGD(true, true, false, false);
+      } else {
+        if (nest) MGS_SGD(false, true, false, true); else MGS_SGD(false, true, false, false);
+      }
+    }
+#undef MGS_SGD
+  } else {
+    const int wdm = !wd ? 0 : (h[kDecoupled] != 0.f ? 2 : 1);
+    const bool ams = h[kAmsgrad] != 0.f;
+#define MGS_ADAM(W, A) adam_block<W, A>(p, s1, s2, s3, acc, n, neg, h)
+    if (ams) {
+      if (wdm == 0) MGS_ADAM(0, true); else if (wdm == 1) MGS_ADAM(1, true); else MGS_ADAM(2, true);
+    } else {
+      if (wdm == 0) MGS_ADAM(0, false); else if (wdm == 1) MGS_ADAM(1, false); else MGS_ADAM(2, false);
+    }
+#undef MGS_ADAM
+  }
+}
+
+template <int DT>
+MGS_INLINE void fused_chunk_impl(const FusedCtx& c, int64_t k) {
+  const int64_t s = c.chunk_slot[k];
+  if (c.active[s] == 0) return;
+  const int64_t start = c.chunk_start[k], len = c.chunk_len[k];
+  const int64_t off = start - c.chunk_start[c.slot_first[s]];  // offset of the chunk inside its parameter
+  const float* h = c.hyper + s * kNumHyper;
+  const float* w = c.weights + s * c.T;
+  auto at = [&](const int64_t* ptrs) -> float* {
+    return ptrs[s] ? reinterpret_cast<float*>(static_cast<std::uintptr_t>(ptrs[s])) + off : nullptr;
+  };
+  float* p = at(c.param_ptr);
+  float* s1 = at(c.state1_ptr);
+  float* s2 = at(c.state2_ptr);
+  float* s3 = at(c.state3_ptr);
+  alignas(64) float acc[kStepBlock];
+  for (int64_t b = 0; b < len; b += kStepBlock) {
+    const int64_t n = std::min(kStepBlock, len - b);
+    const int64_t n0 = start + b;
+    step_accumulate<DT>(c.grads, c.T, c.row_stride, n0, n, w, acc);
+    switch (c.out_dtype) {
+      case kFloat32: step_store<kFloat32>(c.out, n0, n, acc); break;
+      case kBFloat16: step_store<kBFloat16>(c.out, n0, n, acc); break;
+      case kFloat16: step_store<kFloat16>(c.out, n0, n, acc); break;
+      default: break;  // no grad_out
+    }
+    update_block(c, h, p + b, s1 ? s1 + b : nullptr, s2 ? s2 + b : nullptr, s3 ? s3 + b : nullptr, acc, n);
+  }
+}
+
+MGS_CLONES void fused_chunk_f32(const FusedCtx& c, int64_t k) { fused_chunk_impl<kFloat32>(c, k); }
+MGS_CLONES void fused_chunk_bf16(const FusedCtx& c, int64_t k) { fused_chunk_impl<kBFloat16>(c, k); }
+MGS_CLONES void fused_chunk_f16(const FusedCtx& c, int64_t k) { fused_chunk_impl<kFloat16>(c, k); }
+
+using FusedChunkFn = void (*)(const FusedCtx&, int64_t);
+
+FusedChunkFn fused_chunk_fn(int dtype) {
+  switch (dtype) {
+    case kFloat32: return fused_chunk_f32;
+    case kBFloat16: return fused_chunk_bf16;
+    case kFloat16: return fused_chunk_f16;
+  }
+  throw std::invalid_argument("mgs_cpu: unknown storage dtype code " + std::to_string(dtype));
+}
+
 int resolve_threads(int num_threads) {
 #ifdef _OPENMP
   return num_threads > 0 ? num_threads : omp_get_max_threads();
@@ -434,6 +647,38 @@ void modular_pcgrad(const void* grads, int dtype, int64_t T, int64_t row_stride,
   pcgrad_weights(gram.data(), order, M, T, eps, weights.data(), num_threads);
   segmented_combine(grads, dtype, T, row_stride, chunk_start, chunk_len, chunk_module, num_chunks, weights.data(),
                     out, out_dtype, num_threads);
+}
+
+void fused_step(const void* grads, int dtype, int64_t T, int64_t row_stride, const int64_t* chunk_start,
+                const int64_t* chunk_len, const int64_t* chunk_slot, const int64_t* slot_first, int64_t num_chunks,
+                int64_t S, const int32_t* active, const float* slot_weights, const int64_t* param_ptr,
+                const int64_t* state1_ptr, const int64_t* state2_ptr, const int64_t* state3_ptr, const float* hyper,
+                void* grad_out, int out_dtype, int kind, int num_threads) {
+  using namespace mgs_fused;
+  check_tasks(T);
+  const FusedChunkFn fn = fused_chunk_fn(dtype);
+  if (kind != kSGD && kind != kAdam) throw std::invalid_argument("mgs_cpu: unknown optimizer kind " + std::to_string(kind));
+  if (out_dtype != kNoOutput && (out_dtype < 0 || out_dtype > 2))
+    throw std::invalid_argument("mgs_cpu: unknown grad_out dtype code " + std::to_string(out_dtype));
+  if (out_dtype != kNoOutput && grad_out == nullptr) throw std::invalid_argument("mgs_cpu: grad_out is null");
+  if (num_chunks <= 0) return;
+  // Validate the slot tables once (cheap: S and K are a few hundred / thousand) before any write.
+  for (int64_t k = 0; k < num_chunks; ++k)
+    if (chunk_slot[k] < 0 || chunk_slot[k] >= S)
+      throw std::invalid_argument("mgs_cpu: chunk " + std::to_string(k) + " has slot id out of range");
+  for (int64_t s = 0; s < S; ++s) {
+    if (active[s] == 0 || slot_first[s] == slot_first[s + 1]) continue;
+    const float* h = hyper + s * kNumHyper;
+    bool ok = param_ptr[s] != 0;
+    if (kind == kSGD && h[kHasMomentum] != 0.f) ok = ok && state1_ptr[s] != 0;
+    if (kind == kAdam) ok = ok && state1_ptr[s] != 0 && state2_ptr[s] != 0 && (h[kAmsgrad] == 0.f || state3_ptr[s] != 0);
+    if (!ok) throw std::invalid_argument("mgs_cpu: active slot " + std::to_string(s) + " lacks a parameter or state pointer");
+  }
+  const FusedCtx ctx{grads, T, row_stride, chunk_start, chunk_len, chunk_slot, slot_first, active, slot_weights,
+                     param_ptr, state1_ptr, state2_ptr, state3_ptr, hyper, grad_out, out_dtype, kind};
+  const int nt = resolve_threads(num_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && num_chunks > 1)
+  for (int64_t k = 0; k < num_chunks; ++k) fn(ctx, k);
 }
 
 const char* isa() {

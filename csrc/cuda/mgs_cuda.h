@@ -32,6 +32,15 @@ std::string segmented_combine(const void* grads, int dtype, int64_t T, int64_t r
                               const int64_t* chunk_start, const int64_t* chunk_len, const int64_t* chunk_module,
                               int64_t num_chunks, const float* weights, void* out, int out_dtype, void* stream);
 
+// Fused optimizer step: the contract of mgs_cpu::fused_step (csrc/cpu/mgs_cpu.h) on device pointers (every
+// table and the param / state pointer arrays live on the device). One block per chunk; no host sync.
+std::string fused_step(const void* grads, int dtype, int64_t T, int64_t row_stride, const int64_t* chunk_start,
+                       const int64_t* chunk_len, const int64_t* chunk_slot, const int64_t* slot_first,
+                       int64_t num_chunks, int64_t S, const int32_t* active, const float* slot_weights,
+                       const int64_t* param_ptr, const int64_t* state1_ptr, const int64_t* state2_ptr,
+                       const int64_t* state3_ptr, const float* hyper, void* grad_out, int out_dtype, int kind,
+                       void* stream);
+
 // Runtime / driver versions and device count, for diagnostics ("" fields on error).
 std::string runtime_info();
 

@@ -3,13 +3,17 @@
 Inputs arrive validated by ``mgs_kernels.ops``; this layer only passes data pointers, sizes, the row
 stride of ``grads``, dtype codes and the thread count (``torch.get_num_threads()``). Results are bitwise
 reproducible and independent of the thread count. More than 64 tasks fall back to the torch backend.
+
+``fused_optimizer_kernel`` is the one-pass combine + SGD/Adam(W) update of ``ModularGradientSurgery.step``
+(contract: ``mgs_kernels._fused_step``); more than 64 tasks or non-contiguous parameters / state fall back
+to ``_fused_step.reference_kernel``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import _native
+from .. import _fused_step, _native
 from .._plan import SegmentPlan
 from . import torch_backend
 
@@ -94,3 +98,16 @@ def modular_pcgrad(grads: torch.Tensor, plan: SegmentPlan, order: torch.Tensor, 
         plan.num_modules, order.data_ptr(), float(eps), out.data_ptr(), _native.dtype_code(out.dtype),
         _native.num_threads(),
     )
+
+
+def fused_optimizer_kernel(args: "_fused_step.FusedStepArgs") -> None:
+    """Combined gradient (+ grad_out) and SGD / Adam(W) update of every active slot, one native pass."""
+    native = _native.fused_step_args(args)
+    if native is None:
+        _fused_step.reference_kernel(args)
+        return
+    raw, keep = native
+    if args.chunks.num_chunks == 0:
+        return
+    _native.cpu().fused_step(*raw, _native.num_threads())
+    del keep

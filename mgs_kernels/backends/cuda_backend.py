@@ -3,13 +3,17 @@
 Inputs arrive validated by ``mgs_kernels.ops``. Scratch (per-chunk partials) and outputs are allocated
 here with torch's caching allocator; kernels run on torch's current stream of the tensors' device with no
 host synchronisation (CUDA-graph capturable). More than 64 tasks fall back to the torch backend.
+
+``fused_optimizer_kernel`` is the one-pass combine + SGD/Adam(W) update of ``ModularGradientSurgery.step``
+(contract: ``mgs_kernels._fused_step``; arithmetic of torch's CUDA foreach optimizers); more than 64 tasks or
+non-contiguous parameters / state fall back to ``_fused_step.reference_kernel``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import _native
+from .. import _fused_step, _native
 from .._plan import SegmentPlan
 from . import torch_backend
 
@@ -83,3 +87,19 @@ def segmented_combine(grads: torch.Tensor, plan: SegmentPlan, weights: torch.Ten
             t.start.data_ptr(), t.length.data_ptr(), t.module.data_ptr(), t.num_chunks,
             weights.data_ptr(), out.data_ptr(), _native.dtype_code(out.dtype), _stream(device),
         )
+
+
+def fused_optimizer_kernel(args: "_fused_step.FusedStepArgs") -> None:
+    """Combined gradient (+ grad_out) and SGD / Adam(W) update of every active slot: one launch on torch's
+    current stream of the buffer's device (the tables in ``args`` are already device tensors)."""
+    native = _native.fused_step_args(args)
+    if native is None:
+        _fused_step.reference_kernel(args)
+        return
+    raw, keep = native
+    if args.chunks.num_chunks == 0:
+        return
+    device = args.grads.device
+    with torch.cuda.device(device):
+        _native.cuda().fused_step(*raw, _stream(device))
+    del keep  # temporaries were enqueued on the current stream: the caching allocator keeps them safe
