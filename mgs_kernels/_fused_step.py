@@ -132,8 +132,14 @@ def prepare(surgery, optimizer, weights: torch.Tensor, keep_grads: bool) -> Opti
     for s, act in zip(slots, active):
         if act:
             local = local_tensor(s.param.detach())
-            if local.dtype != torch.float32 or local.device != surgery.device or local.is_complex():
+            if (local.dtype != torch.float32 or local.device != surgery.device or local.is_complex()
+                    or not local.is_contiguous()):
                 return None
+            for value in optimizer.state.get(s.param, {}).values():  # existing state, e.g. after load_state_dict
+                if isinstance(value, torch.Tensor) and value.dim():
+                    v = local_tensor(value)
+                    if v.dtype != torch.float32 or v.device != surgery.device or not v.is_contiguous():
+                        return None
 
     S = len(slots)
     # Plain lists, turned into tensors once: per-element tensor writes cost ~10 ms per step at S ~ 300.

@@ -84,6 +84,8 @@ class ChunkTable:
         first: [M+1] int64 prefix sum of per_module (chunks of module m are first[m]:first[m+1]).
         num_chunks: K (a Python int).
         max_chunks_per_module: the largest per_module value (a Python int).
+        host: the same start / length / module / first tables as int64 CPU tensors (the table is
+            built on the host; launchers that need host-side facts read these, never the device).
     """
 
     def __init__(self, chunk_size, module, start, length, per_module, first, num_chunks, max_per):
@@ -95,6 +97,7 @@ class ChunkTable:
         self.first = first
         self.num_chunks = num_chunks
         self.max_chunks_per_module = max_per
+        self.host: dict = {}
 
     @staticmethod
     def build(plan: SegmentPlan, chunk_size: int, device: torch.device, index_dtype) -> "ChunkTable":
@@ -111,7 +114,7 @@ class ChunkTable:
         end = plan.offsets_host[1:][module]
         length = torch.minimum(end - start, torch.tensor(chunk_size, dtype=torch.int64))
         max_per = int(per_module.max()) if plan.num_modules else 0
-        return ChunkTable(
+        table = ChunkTable(
             chunk_size,
             module.to(device=device, dtype=index_dtype),
             start.to(device),
@@ -121,6 +124,8 @@ class ChunkTable:
             num_chunks,
             max_per,
         )
+        table.host = {"start": start, "length": length, "module": module, "first": first}
+        return table
 
 
 # Plans are cached per offsets tensor object (by id, dropped when the tensor dies) and re-validated

@@ -49,3 +49,8 @@ def segmented_combine(grads: torch.Tensor, plan: SegmentPlan, weights: torch.Ten
 
 def modular_pcgrad(grads: torch.Tensor, plan: SegmentPlan, order: torch.Tensor, eps: float, out: torch.Tensor) -> None:
     _k().modular_pcgrad(grads, plan, order, eps, out)
+
+
+def fused_optimizer_kernel(args) -> None:
+    """Fused combine + SGD / Adam(W) step over ``args`` (a ``mgs_kernels._fused_step.FusedStepArgs``)."""
+    _k().fused_step(args)

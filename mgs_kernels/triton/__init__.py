@@ -11,6 +11,7 @@ Launchers (plain Python, inputs already validated by ``mgs_kernels.ops``):
     pcgrad_weights(gram float32 [M, T, T], order int64 [M, T, T-1], eps) -> float32 [M, T]
     segmented_combine(grads [T, N], plan, weights float32 [M, T], out [N]) -> None
     modular_pcgrad(grads, plan, order, eps, out) -> None     (the three above, no host sync)
+    fused_step(args: FusedStepArgs) -> None                  (combine + SGD / Adam(W) update, in place)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import types
 
 from ._config import interpreting
 
-_SUBMODULES = ("_gram", "_solve", "_combine")
+_SUBMODULES = ("_gram", "_solve", "_combine", "_step")
 _state = {"mode": None, "ns": None}
 _lock = threading.Lock()
 
@@ -36,7 +37,7 @@ def kernels() -> types.SimpleNamespace:
         if _state["ns"] is None or _state["mode"] != mode:
             mods = {}
             stale = False
-            for name in _SUBMODULES:  # in dependency order (_solve / _combine import from _gram)
+            for name in _SUBMODULES:  # in dependency order (_solve / _combine / _step import from _gram)
                 mod = importlib.import_module(f"{__name__}.{name}")
                 # Each module records the mode its triton.jit decorators ran in; re-run them when it
                 # differs (and re-run dependents of a reloaded module so they bind its new functions).
@@ -48,6 +49,7 @@ def kernels() -> types.SimpleNamespace:
                 segmented_gram=mods["_gram"].segmented_gram,
                 pcgrad_weights=mods["_solve"].pcgrad_weights,
                 segmented_combine=mods["_combine"].segmented_combine,
+                fused_step=mods["_step"].fused_step,
             )
             _state["mode"] = mode
     return _state["ns"]
@@ -65,6 +67,10 @@ def segmented_combine(grads, plan, weights, out, **kw):
     return kernels().segmented_combine(grads, plan, weights, out, **kw)
 
 
+def fused_step(args, **kw):
+    return kernels().fused_step(args, **kw)
+
+
 def modular_pcgrad(grads, plan, order, eps, out, **kw):
     """Gram, solve and combine: four launches on the current stream, no host synchronisation."""
     k = kernels()
@@ -74,4 +80,4 @@ def modular_pcgrad(grads, plan, order, eps, out, **kw):
     return out
 
 
-__all__ = ["kernels", "segmented_gram", "pcgrad_weights", "segmented_combine", "modular_pcgrad"]
+__all__ = ["kernels", "segmented_gram", "pcgrad_weights", "segmented_combine", "modular_pcgrad", "fused_step"]

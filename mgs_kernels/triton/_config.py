@@ -101,6 +101,25 @@ def combine_config(num_tasks: int) -> CombineConfig:
     return CombineConfig(t_block=min(next_pow2(num_tasks), 8), block_n=1024, num_warps=4)
 
 
+@dataclass(frozen=True)
+class StepConfig:
+    block_n: int  # elements per block of the fused optimizer step (a power of two)
+    num_warps: int
+
+
+def step_config(num_tasks: int) -> StepConfig:
+    """Fused optimizer step: one program per slot chunk (<= 2^14 elements), walked in BLOCK_N blocks.
+
+    Four elements a thread (BLOCK_N = 128 * num_warps): one 16-byte vector per fp32 state stream
+    and one 8-byte vector per bf16 task row, so every stream shares one register layout (no
+    shared-memory layout conversions) and ptxas stays under ~110 registers up to 16 tasks (sm_90,
+    offline compile); past 16 tasks the unrolled row loads need halved blocks.
+    """
+    if interpreting():
+        return StepConfig(block_n=64, num_warps=1)
+    return StepConfig(block_n=512 if num_tasks <= 16 else 256, num_warps=4)
+
+
 def solve_num_warps(num_tasks: int) -> int:
     t_pad = next_pow2(num_tasks)
     return 1 if t_pad <= 8 else (2 if t_pad <= 16 else 4)
@@ -116,4 +135,6 @@ GPU_CANDIDATES = {
     "combine_block_n": [512, 1024, 2048, 4096],
     "combine_t_block": [2, 4, 8],
     "chunk_size": [1 << 14, 1 << 16, 1 << 18, 1 << 20],
+    "step_block_n": [256, 512, 1024, 2048],  # with num_warps: 2-8 elements a thread
+    "step_num_warps": [2, 4, 8],
 }
