@@ -16,31 +16,18 @@ import torch
 
 import mgs_kernels as mgs
 from mgs_kernels import reference
+from synthetic import domain_ids, tiny_llama
 
 VOCAB = 256
 
 
 def make_model(layers: int, hidden: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 3,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64, bos_token_id=0, eos_token_id=1)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(VOCAB, hidden, layers, bos_token_id=0, eos_token_id=1)
 
 
 def task_batch(task: int, gen: torch.Generator, batch: int = 8, seq: int = 32) -> torch.Tensor:
-    """Three synthetic 'domains' over one vocabulary: counting up, counting down, repeating a motif."""
-    start = torch.randint(2, VOCAB, (batch, 1), generator=gen)
-    pos = torch.arange(seq)
-    if task == 0:
-        ids = (start + pos) % (VOCAB - 2) + 2
-    elif task == 1:
-        ids = (start - 3 * pos) % (VOCAB - 2) + 2
-    else:
-        motif = torch.randint(2, VOCAB, (batch, 4), generator=gen)
-        ids = motif.repeat(1, seq // 4)
-    return ids
+    """Three synthetic 'domains' over one vocabulary (token ids 0 and 1 are bos / eos)."""
+    return domain_ids(task, gen, VOCAB, batch, seq, low=2)
 
 
 def main() -> None:

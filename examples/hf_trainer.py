@@ -15,24 +15,17 @@ import tempfile
 
 import torch
 
+from synthetic import TASKS, domain_ids, save_heatmap, tiny_llama
+
 VOCAB = 64
-TASKS = ["count_up", "count_down", "motif"]
 
 
 def rows(n: int, seed: int, seq: int = 24):
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
-        task = i % 3
-        start = int(torch.randint(0, VOCAB, (1,), generator=g))
-        pos = torch.arange(seq)
-        if task == 0:
-            ids = (start + pos) % VOCAB
-        elif task == 1:
-            ids = (start - 3 * pos) % VOCAB
-        else:
-            ids = torch.randint(0, VOCAB, (4,), generator=g).repeat(seq // 4)
-        out.append({"input_ids": ids.tolist(), "labels": ids.tolist(), "attention_mask": [1] * seq, "task": task})
+        ids = domain_ids(i % 3, g, VOCAB, batch=1, seq=seq)[0]
+        out.append({"input_ids": ids.tolist(), "labels": ids.tolist(), "attention_mask": [1] * seq, "task": i % 3})
     return out
 
 
@@ -49,10 +42,7 @@ def main():
 
     from mgs_kernels.integrations import MGSTrainer
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = tiny_llama(VOCAB, hidden=48, layers=2, intermediate=96, seed=0)
     train = datasets.Dataset.from_list(rows(3000, seed=0))
 
     targs = transformers.TrainingArguments(
@@ -68,7 +58,8 @@ def main():
     print("\nMGS diagnostics in the trainer's log history:")
     for h in trainer.state.log_history:
         if "mgs/conflict_pair_fraction" in h:
-            print(f"  step {h['step']:3d}  loss {h['loss']:.3f}  conflict_pair_fraction "
+            loss = h.get("loss", h.get("train_loss", float("nan")))  # the final summary has train_loss
+            print(f"  step {h['step']:3d}  loss {loss:.3f}  conflict_pair_fraction "
                   f"{h['mgs/conflict_pair_fraction']:.2f}  cos(up,down) {h['mgs/cos/0-1']:+.3f}  "
                   f"cos(up,motif) {h['mgs/cos/0-2']:+.3f}  attn {h.get('mgs/attn/conflict_fraction', 0):.2f}  "
                   f"mlp {h.get('mgs/mlp/conflict_fraction', 0):.2f}")
@@ -79,13 +70,7 @@ def main():
         for t, name in enumerate(TASKS):
             ids = torch.tensor([r["input_ids"] for r in held if r["task"] == t])
             print(f"held-out loss {name:10s} {model(input_ids=ids, labels=ids).loss.item():.3f}")
-    try:
-        from mgs_kernels import plots
-
-        plots.cosine_heatmap(trainer.mgs_last_stats, tasks=(0, 1), path=args.out, task_names=TASKS)
-        print(f"conflict heatmap (last step): {args.out}")
-    except ImportError as exc:
-        print(f"(no heatmap: {exc})")
+    save_heatmap(trainer.mgs_last_stats, (0, 1), args.out, TASKS, " (last step)")
 
 
 if __name__ == "__main__":

@@ -16,29 +16,17 @@ import time
 import torch
 
 import mgs_kernels as mgs
+from synthetic import TASKS, domain_ids, save_heatmap, tiny_llama
 
 VOCAB = 64
-TASKS = ["count_up", "count_down", "motif"]
 
 
 def make_model(seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(VOCAB, hidden=48, layers=2, intermediate=96, seed=seed)
 
 
 def task_batch(task: int, gen: torch.Generator, batch: int = 8, seq: int = 24) -> torch.Tensor:
-    start = torch.randint(0, VOCAB, (batch, 1), generator=gen)
-    pos = torch.arange(seq)
-    if task == 0:
-        return (start + pos) % VOCAB
-    if task == 1:
-        return (start - 3 * pos) % VOCAB
-    motif = torch.randint(0, VOCAB, (batch, 4), generator=gen)
-    return motif.repeat(1, seq // 4)
+    return domain_ids(task, gen, VOCAB, batch, seq)
 
 
 def loss_of(model, ids):
@@ -110,13 +98,8 @@ def main():
         k = f"mgs/{kind}/conflict_fraction"
         if k in last:
             print(f"  {kind:5s} conflict fraction, mean over steps: {sum(h.scalars()[k] for h in mgs_history) / len(mgs_history):.2f}")
-    try:
-        from mgs_kernels import plots
-
-        plots.cosine_heatmap(mgs_history[-1], tasks=(0, 1), path=args.out, task_names=TASKS)
-        print(f"conflict heatmap (cos count_up vs count_down per block x module type, last step): {args.out}")
-    except ImportError as exc:
-        print(f"(no heatmap: {exc})")
+    save_heatmap(mgs_history[-1], (0, 1), args.out, TASKS,
+                 " (cos count_up vs count_down per block x module type, last step)")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from collections import defaultdict
 
 import torch
 
+from synthetic import save_heatmap
+
 TASKS = ["add", "aaa", "digits"]
 CHARS = list("abcdefghij0123456789 +=?")
 REWARDS = defaultdict(list)  # (step, task) -> rewards, filled by the reward function
@@ -115,13 +117,7 @@ def main():
             print(f"  step {h['step']:3d}  reward {h.get('reward', float('nan')):.3f}  conflict_pair_fraction "
                   f"{h['mgs/conflict_pair_fraction']:.2f}  cos(add,aaa) {h['mgs/cos/0-1']:+.3f}  "
                   f"cos(add,digits) {h['mgs/cos/0-2']:+.3f}  cos(aaa,digits) {h['mgs/cos/1-2']:+.3f}")
-    try:
-        from mgs_kernels import plots
-
-        plots.cosine_heatmap(trainer.mgs_last_stats, tasks=(1, 2), path=args.out, task_names=TASKS)
-        print(f"conflict heatmap (aaa vs digits, last step): {args.out}")
-    except ImportError as exc:
-        print(f"(no heatmap: {exc})")
+    save_heatmap(trainer.mgs_last_stats, (1, 2), args.out, TASKS, " (aaa vs digits, last step)")
 
 
 if __name__ == "__main__":
