@@ -1,7 +1,10 @@
 """Benchmark of the native CPU backend (not a test): modular_pcgrad on the Llama-3.1-8B per-tensor layout,
 scaled down, against the memory-traffic floor, the torch backend and the Python reference loop.
 
-    python bench/native_cpu.py [--scale 20] [--tasks 3 8] [--repeats 5] [--dtype float32]
+    python bench/native_cpu.py [--scale 20 [10 40 ...]] [--tasks 3 8] [--repeats 5] [--dtype float32]
+
+``cpu ms`` is the fused native call with the default (cache-blocked) schedule, or with $MGS_CPU_CACHE_BYTES
+when set; ``2pass ms`` the same call with MGS_CPU_CACHE_BYTES=0 (Gram over all chunks, solve, combine).
 
 Floor = (2 * T * N * esize read + N * esize written) / copy bandwidth, where the copy bandwidth is measured
 in the same run (median of torch copies of a 256 MiB buffer into a preallocated one, bytes read + written).
@@ -18,6 +21,7 @@ Bytes per element are the minimal traffic of each pass sequence (fp32, 4 bytes p
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -129,7 +133,7 @@ def bench_step(args) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", type=int, default=20)
+    ap.add_argument("--scale", type=int, nargs="+", default=[20])
     ap.add_argument("--tasks", type=int, nargs="+", default=[3, 8])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--ref-repeats", type=int, default=1)
@@ -145,30 +149,47 @@ def main():
 
     from mgs_kernels import _native
 
-    sizes = llama_sizes(args.scale)
+    bw = copy_bandwidth(1 << 28, args.repeats)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu isa {_native.cpu().isa()}, "
+          f"cache budget {_native.cpu().default_cache_bytes(torch.get_num_threads()) / 2**20:.1f} MiB default, "
+          f"MGS_CPU_CACHE_BYTES={os.environ.get('MGS_CPU_CACHE_BYTES', '(unset)')}")
+    print(f"copy bandwidth (256 MiB copy_, read + write): {bw / 1e9:.2f} GB/s")
+    for scale in args.scale:
+        bench_scale(args, scale, dtype, esize, bw)
+
+
+def bench_scale(args, scale, dtype, esize, bw):
+    sizes = llama_sizes(scale)
     offsets = torch.zeros(len(sizes) + 1, dtype=torch.int64)
     torch.cumsum(torch.tensor(sizes), 0, out=offsets[1:])
     N = int(offsets[-1])
-    bw = copy_bandwidth(1 << 28, args.repeats)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu isa {_native.cpu().isa()}")
-    print(f"layout: Llama-3.1-8B per tensor / {args.scale}: M = {len(sizes)} tensors, N = {N:,} elements, {args.dtype}")
-    print(f"copy bandwidth (256 MiB copy_, read + write): {bw / 1e9:.2f} GB/s")
-    print(f"{'T':>3} {'floor ms':>9} {'cpu ms':>8} {'% floor':>8} {'torch ms':>9} {'ref ms':>9} "
-          f"{'cpu/floor':>9} {'vs torch':>9} {'vs ref':>8}")
+    print(f"layout: Llama-3.1-8B per tensor / {scale}: M = {len(sizes)} tensors, N = {N:,} elements, {args.dtype}")
+    print(f"{'T':>3} {'floor ms':>9} {'2pass ms':>9} {'cpu ms':>8} {'% floor':>8} {'torch ms':>9} {'ref ms':>9} "
+          f"{'cpu/floor':>9} {'vs 2pass':>8} {'vs torch':>9} {'vs ref':>8}")
+    env = os.environ.get("MGS_CPU_CACHE_BYTES")
     for T in args.tasks:
         g = torch.Generator().manual_seed(T)
         grads = torch.randn(T, N, generator=g).to(dtype)
         order = mgs_kernels.random_order(len(sizes), T, generator=torch.Generator().manual_seed(0))
         out = torch.empty(N, dtype=dtype)
         floor_ms = (2 * T * N * esize + N * esize) / bw * 1e3
-        cpu_ms = median_ms(lambda: mgs_kernels.modular_pcgrad(grads, offsets, order=order, out=out, backend="cpu"),
-                           args.repeats)
+        run = lambda: mgs_kernels.modular_pcgrad(grads, offsets, order=order, out=out, backend="cpu")  # noqa: E731
+        try:
+            os.environ["MGS_CPU_CACHE_BYTES"] = "0"
+            two_ms = median_ms(run, args.repeats)
+        finally:
+            if env is None:
+                os.environ.pop("MGS_CPU_CACHE_BYTES")
+            else:
+                os.environ["MGS_CPU_CACHE_BYTES"] = env
+        cpu_ms = median_ms(run, args.repeats)
         torch_ms = median_ms(
             lambda: mgs_kernels.modular_pcgrad(grads, offsets, order=order, out=out, backend="torch"),
             max(1, args.repeats // 2))
         ref_ms = median_ms(lambda: reference.modular_pcgrad(grads, offsets, order=order), args.ref_repeats, warmup=0)
-        print(f"{T:>3} {floor_ms:>9.1f} {cpu_ms:>8.1f} {100 * floor_ms / cpu_ms:>7.0f}% {torch_ms:>9.1f} "
-              f"{ref_ms:>9.1f} {cpu_ms / floor_ms:>8.2f}x {torch_ms / cpu_ms:>8.1f}x {ref_ms / cpu_ms:>7.1f}x")
+        print(f"{T:>3} {floor_ms:>9.1f} {two_ms:>9.1f} {cpu_ms:>8.1f} {100 * floor_ms / cpu_ms:>7.0f}% {torch_ms:>9.1f} "
+              f"{ref_ms:>9.1f} {cpu_ms / floor_ms:>8.2f}x {two_ms / cpu_ms:>7.2f}x {torch_ms / cpu_ms:>8.1f}x "
+              f"{ref_ms / cpu_ms:>7.1f}x")
         del grads, out
 
 

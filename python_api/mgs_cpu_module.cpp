@@ -81,16 +81,26 @@ PYBIND11_MODULE(_mgs_cpu, m) {
       "modular_pcgrad",
       [](std::uintptr_t grads, int dtype, int64_t T, int64_t row_stride, std::uintptr_t chunk_start,
          std::uintptr_t chunk_len, std::uintptr_t chunk_module, int64_t num_chunks, std::uintptr_t chunk_first,
-         int64_t M, std::uintptr_t order, float eps, std::uintptr_t out, int out_dtype, int num_threads) {
+         int64_t M, std::uintptr_t order, float eps, std::uintptr_t out, int out_dtype, int num_threads,
+         int64_t cache_bytes) {
         py::gil_scoped_release nogil;
         mgs_cpu::modular_pcgrad(ptr<const void>(grads), dtype, T, row_stride, ptr<const int64_t>(chunk_start),
                                 ptr<const int64_t>(chunk_len), ptr<const int64_t>(chunk_module), num_chunks,
                                 ptr<const int64_t>(chunk_first), M, ptr<const int64_t>(order), eps, ptr<void>(out),
-                                out_dtype, num_threads);
+                                out_dtype, num_threads, cache_bytes);
       },
       py::arg("grads"), py::arg("dtype"), py::arg("T"), py::arg("row_stride"), py::arg("chunk_start"),
       py::arg("chunk_len"), py::arg("chunk_module"), py::arg("num_chunks"), py::arg("chunk_first"), py::arg("M"),
-      py::arg("order"), py::arg("eps"), py::arg("out"), py::arg("out_dtype"), py::arg("num_threads"));
+      py::arg("order"), py::arg("eps"), py::arg("out"), py::arg("out_dtype"), py::arg("num_threads"),
+      py::arg("cache_bytes") = -1,
+      "cache_bytes: 0 = two-pass schedule, > 0 = cache-blocked groups of at most that many bytes, "
+      "< 0 = auto_cache_bytes(working set)");
+  m.def("llc_bytes", &mgs_cpu::llc_bytes, "last-level cache size in bytes (sysconf / sysfs / 8 MiB)");
+  m.def("l2_bytes", &mgs_cpu::l2_bytes, "per-core L2 cache size in bytes (sysconf / sysfs / 1 MiB)");
+  m.def("default_cache_bytes", &mgs_cpu::default_cache_bytes, py::arg("num_threads") = 0,
+        "cache budget of modular_pcgrad's blocked schedule: fraction * min(LLC, L2 x threads)");
+  m.def("auto_cache_bytes", &mgs_cpu::auto_cache_bytes, py::arg("working_set_bytes"), py::arg("num_threads") = 0,
+        "budget used for cache_bytes < 0: 0 when the working set fits in half the LLC, else default_cache_bytes");
 
   m.def(
       "fused_step",

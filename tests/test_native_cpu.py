@@ -309,3 +309,122 @@ def test_property_matches_reference(T, sizes, dtype, seed, in_place):
         out = mk.modular_pcgrad(grads, off, order=order, backend="cpu")
     check_output(out, grads, off, order)
     assert math.isfinite(float(out.double().abs().sum()))
+
+
+# ------------------------------------------------------------------------------------------------------
+# cache-blocked schedule of the fused modular_pcgrad (MGS_CPU_CACHE_BYTES, read at call time)
+
+# module sizes (elements): empty modules, chunk edges, modules far larger than the tiny budgets below
+BLOCK_SIZES = [0, 5, 16384, 0, 16385, 3, 40001, 0, 0, 700, 1, 70000, 2, 0]
+BUDGETS = [0, 1, 4096, 100_000, 1 << 20, -1]  # 0: two passes; 1 / 4 KB: every module alone; -1: default
+
+
+def run_with_budget(monkeypatch, budget, grads, off, order, out=None, eps=0.0, threads=None):
+    if budget is None:
+        monkeypatch.delenv("MGS_CPU_CACHE_BYTES", raising=False)
+    else:
+        monkeypatch.setenv("MGS_CPU_CACHE_BYTES", str(budget))
+    old = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return mk.modular_pcgrad(grads, off, order=order, eps=eps, out=out, backend="cpu")
+    finally:
+        torch.set_num_threads(old)
+
+
+def staged(grads, off, order, eps=0.0):
+    """The separate segmented_gram / pcgrad_weights / segmented_combine entries (unchanged two-pass code)."""
+    w = mk.pcgrad_weights(mk.segmented_gram(grads, off, backend="cpu"), order=order, eps=eps, backend="cpu")
+    return mk.segmented_combine(grads, off, w, backend="cpu")
+
+
+def test_cache_budget_env_parsing(monkeypatch):
+    from mgs_kernels.backends import cpu_backend
+
+    monkeypatch.delenv("MGS_CPU_CACHE_BYTES", raising=False)
+    assert cpu_backend.cache_bytes() == -1
+    monkeypatch.setenv("MGS_CPU_CACHE_BYTES", "0")
+    assert cpu_backend.cache_bytes() == 0
+    monkeypatch.setenv("MGS_CPU_CACHE_BYTES", "4e6")
+    assert cpu_backend.cache_bytes() == 4_000_000
+    monkeypatch.setenv("MGS_CPU_CACHE_BYTES", "lots")
+    with pytest.raises(ValueError):
+        cpu_backend.cache_bytes()
+    assert cpu_native.llc_bytes() > 0 and cpu_native.l2_bytes() > 0
+    assert 0 < cpu_native.default_cache_bytes(2) <= cpu_native.llc_bytes()
+    assert cpu_native.auto_cache_bytes(1, 2) == 0  # fits in the LLC: two passes
+    assert cpu_native.auto_cache_bytes(1 << 50, 2) == cpu_native.default_cache_bytes(2)
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+@pytest.mark.parametrize("T", [1, 3, 8, 64])
+def test_blocked_schedule_bitwise_equal_two_pass(monkeypatch, dtype, T):
+    off = offsets_of(BLOCK_SIZES)
+    grads = rand_grads(T, int(off[-1]), dtype, seed=100 + T)
+    order = mk.random_order(len(BLOCK_SIZES), T, generator=torch.Generator().manual_seed(T))
+    expected = staged(grads, off, order)
+    results = {}
+    for budget in BUDGETS + [None]:
+        for threads in (1, 2):
+            out = run_with_budget(monkeypatch, budget, grads, off, order, threads=threads)
+            assert torch.equal(out, expected), (budget, threads)
+            results[budget, threads] = out
+    if T <= 8:
+        assert check_output(expected, grads, off, order) > 0
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+@pytest.mark.parametrize("budget", [0, 4096, 300_000])
+def test_blocked_schedule_in_place_and_poisoned_out(monkeypatch, dtype, budget):
+    T = 3
+    off = offsets_of(BLOCK_SIZES)
+    grads = rand_grads(T, int(off[-1]), dtype, seed=7)
+    order = mk.random_order(len(BLOCK_SIZES), T, generator=torch.Generator().manual_seed(7))
+    expected = staged(grads, off, order)
+    out = torch.full_like(expected, float("nan"))
+    assert run_with_budget(monkeypatch, budget, grads, off, order, out=out) is out
+    assert torch.equal(out, expected)
+    for row in range(T):
+        for threads in (1, 2):
+            g = grads.clone()
+            run_with_budget(monkeypatch, budget, g, off, order, out=g[row], threads=threads)
+            assert torch.equal(g[row], expected)
+            others = [r for r in range(T) if r != row]
+            assert torch.equal(g[others], grads[others])
+    # bf16 / fp16 output of fp32 storage (and the reverse) through the blocked path
+    out2 = torch.empty(grads.shape[1], dtype=torch.float32 if dtype != torch.float32 else torch.bfloat16)
+    ref2 = torch.empty_like(out2)
+    run_with_budget(monkeypatch, 0, grads, off, order, out=ref2)
+    run_with_budget(monkeypatch, budget, grads, off, order, out=out2)
+    assert torch.equal(out2, ref2)
+
+
+@pytest.mark.parametrize("budget", [0, 4096, 1 << 20])
+def test_blocked_schedule_nan_inf_and_eps(monkeypatch, budget):
+    T = 4
+    off = offsets_of(BLOCK_SIZES)
+    grads = rand_grads(T, int(off[-1]), torch.float32, seed=11)
+    grads[1, 5 + 100] = float("nan")     # module 2
+    grads[2, int(off[6]) + 7] = float("inf")  # module 6
+    order = mk.random_order(len(BLOCK_SIZES), T, generator=torch.Generator().manual_seed(11))
+    expected = staged(grads, off, order, eps=1e-3)
+    out = run_with_budget(monkeypatch, budget, grads, off, order, eps=1e-3)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(expected))
+    assert torch.isnan(out[5 + 100])  # never masked
+    assert not torch.isfinite(out[int(off[6]) + 7])
+    assert torch.isfinite(out[off[8] :]).all()
+
+
+def test_blocked_schedule_large_layout_threads(monkeypatch):
+    """Many modules, several groups per call, odd thread counts: identical bits everywhere."""
+    T = 5
+    sizes = [0, 3, 9000, 17000, 1, 65536, 33000, 0, 120] * 12
+    off = offsets_of(sizes)
+    grads = rand_grads(T, int(off[-1]), torch.bfloat16, seed=5)
+    order = mk.random_order(len(sizes), T, generator=torch.Generator().manual_seed(5))
+    expected = staged(grads, off, order)
+    for budget in (0, 50_000, 1 << 20, 8 << 20, None):
+        for threads in (1, 2, 3):
+            assert torch.equal(run_with_budget(monkeypatch, budget, grads, off, order, threads=threads), expected)

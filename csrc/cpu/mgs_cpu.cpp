@@ -18,6 +18,12 @@
 // * ISA: no -march=native. On x86-64 with GCC/Clang the per-chunk kernels are built as target_clones
 //   (x86-64-v4 / x86-64-v3 / baseline) and the best one is picked at load time by the ifunc resolver.
 //   Different clones may differ in the last bits (FMA contraction); one machine always runs the same clone.
+// * modular_pcgrad: two-pass schedule (cache_bytes == 0: Gram over all chunks, solve, combine), or the
+//   cache-blocked one: consecutive modules in groups of <= cache_bytes (T rows + output); per group, in one
+//   parallel region with one barrier per group, each thread Grams an element-balanced contiguous range of
+//   the group's chunks, then (after the barrier) reduces + solves the modules of its range in private
+//   scratch and combines the same range backwards (most recently read chunks first). Same per-chunk,
+//   per-module and per-element code as the two-pass schedule: bitwise identical results.
 // * Fused optimizer step: see the section "Fused optimizer step" (one pass, sub-blocks of 1024 elements).
 // * NaN / Inf are never masked: padding lanes are zero in every row (0 * 0), and no task is skipped
 //   because its weight is zero.
@@ -27,6 +33,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -35,6 +42,9 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
 #endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MGS_NO_CLONES)
@@ -552,6 +562,46 @@ void check_tasks(int64_t T) {
     throw std::invalid_argument("mgs_cpu: number of tasks must be in [1, 64], got " + std::to_string(T));
 }
 
+// Module m's Gram from the partials of its chunks first[m] .. first[m+1]-1, summed in chunk order in double.
+// Shared by segmented_gram and both schedules of modular_pcgrad (the same code: the same bits).
+void reduce_module(const float* partials, const int64_t* chunk_first, int64_t m, int64_t T, int64_t P, float* G) {
+  double sum[kMaxTasks * (kMaxTasks + 1) / 2];
+  for (int64_t p = 0; p < P; ++p) sum[p] = 0.0;
+  for (int64_t k = chunk_first[m]; k < chunk_first[m + 1]; ++k) {
+    const float* part = partials + k * P;
+    for (int64_t p = 0; p < P; ++p) sum[p] += static_cast<double>(part[p]);
+  }
+  int64_t p = 0;
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t j = i; j < T; ++j, ++p) {
+      const float v = static_cast<float>(sum[p]);
+      G[i * T + j] = v;
+      G[j * T + i] = v;
+    }
+}
+
+void solve_module(const float* G, const int64_t* ord, int64_t T, float eps, float* w) {
+  float c[kMaxTasks];
+  float total[kMaxTasks];
+  for (int64_t k = 0; k < T; ++k) total[k] = 0.f;
+  for (int64_t i = 0; i < T; ++i) {
+    for (int64_t k = 0; k < T; ++k) c[k] = 0.f;
+    c[i] = 1.f;
+    const int64_t* oi = ord + i * (T - 1);
+    for (int64_t s = 0; s < T - 1; ++s) {
+      const int64_t j = oi[s];
+      if (j < 0 || j >= T) continue;  // malformed table: never read out of bounds
+      const float* Gj = G + j * T;    // row j (= column j: G is symmetric), as the torch backend reads it
+      float d = 0.f;
+      for (int64_t k = 0; k < T; ++k) d += c[k] * Gj[k];
+      const float gjj = Gj[j];
+      if (d < 0.f && gjj > eps) c[j] -= d / gjj;
+    }
+    for (int64_t k = 0; k < T; ++k) total[k] += c[k];
+  }
+  for (int64_t k = 0; k < T; ++k) w[k] = total[k];
+}
+
 }  // namespace
 
 void segmented_gram(const void* grads, int dtype, int64_t T, int64_t row_stride, const int64_t* chunk_start,
@@ -574,44 +624,7 @@ void segmented_gram(const void* grads, int dtype, int64_t T, int64_t row_stride,
   }
   // Fixed-order cleanup: module m sums its chunks first[m] .. first[m+1]-1 in order, in double.
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && M * P > 4096)
-  for (int64_t m = 0; m < M; ++m) {
-    double sum[kMaxTasks * (kMaxTasks + 1) / 2];
-    for (int64_t p = 0; p < P; ++p) sum[p] = 0.0;
-    for (int64_t k = chunk_first[m]; k < chunk_first[m + 1]; ++k) {
-      const float* part = partials.data() + k * P;
-      for (int64_t p = 0; p < P; ++p) sum[p] += static_cast<double>(part[p]);
-    }
-    float* G = gram + m * T * T;
-    int64_t p = 0;
-    for (int64_t i = 0; i < T; ++i)
-      for (int64_t j = i; j < T; ++j, ++p) {
-        const float v = static_cast<float>(sum[p]);
-        G[i * T + j] = v;
-        G[j * T + i] = v;
-      }
-  }
-}
-
-static void solve_module(const float* G, const int64_t* ord, int64_t T, float eps, float* w) {
-  float c[kMaxTasks];
-  float total[kMaxTasks];
-  for (int64_t k = 0; k < T; ++k) total[k] = 0.f;
-  for (int64_t i = 0; i < T; ++i) {
-    for (int64_t k = 0; k < T; ++k) c[k] = 0.f;
-    c[i] = 1.f;
-    const int64_t* oi = ord + i * (T - 1);
-    for (int64_t s = 0; s < T - 1; ++s) {
-      const int64_t j = oi[s];
-      if (j < 0 || j >= T) continue;  // malformed table: never read out of bounds
-      const float* Gj = G + j * T;    // row j (= column j: G is symmetric), as the torch backend reads it
-      float d = 0.f;
-      for (int64_t k = 0; k < T; ++k) d += c[k] * Gj[k];
-      const float gjj = Gj[j];
-      if (d < 0.f && gjj > eps) c[j] -= d / gjj;
-    }
-    for (int64_t k = 0; k < T; ++k) total[k] += c[k];
-  }
-  for (int64_t k = 0; k < T; ++k) w[k] = total[k];
+  for (int64_t m = 0; m < M; ++m) reduce_module(partials.data(), chunk_first, m, T, P, gram + m * T * T);
 }
 
 void pcgrad_weights(const float* gram, const int64_t* order, int64_t M, int64_t T, float eps, float* weights,
@@ -633,20 +646,157 @@ void segmented_combine(const void* grads, int dtype, int64_t T, int64_t row_stri
     fn(grads, T, row_stride, chunk_start[k], chunk_len[k], weights + chunk_module[k] * T, out);
 }
 
+namespace {
+// Cache size in bytes: sysconf(name), else /sys/devices/system/cpu/cpu0/cache/index<idx>/size, else fallback.
+int64_t cache_size(int sc_name, int idx, int64_t fallback) {
+  long v = -1;
+#if defined(__unix__) || defined(__APPLE__)
+  if (sc_name >= 0) v = sysconf(sc_name);
+#else
+  (void)sc_name;
+#endif
+  if (v <= 0) {
+    const std::string path = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(idx) + "/size";
+    if (FILE* f = std::fopen(path.c_str(), "r")) {
+      long n = 0;
+      char unit = 0;
+      const int got = std::fscanf(f, "%ld%c", &n, &unit);
+      std::fclose(f);
+      if (got >= 1 && n > 0)
+        v = n * (unit == 'K' ? 1024L : unit == 'M' ? 1024L * 1024L : unit == 'G' ? 1024L * 1024L * 1024L : 1L);
+    }
+  }
+  return v > 0 ? static_cast<int64_t>(v) : fallback;
+}
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+constexpr int kScL3 = _SC_LEVEL3_CACHE_SIZE;
+#else
+constexpr int kScL3 = -1;
+#endif
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+constexpr int kScL2 = _SC_LEVEL2_CACHE_SIZE;
+#else
+constexpr int kScL2 = -1;
+#endif
+}  // namespace
+
+int64_t llc_bytes() {
+  static const int64_t bytes = cache_size(kScL3, 3, kDefaultLLCBytes);
+  return bytes;
+}
+
+int64_t l2_bytes() {
+  static const int64_t bytes = cache_size(kScL2, 2, kDefaultL2Bytes);
+  return bytes;
+}
+
+int64_t default_cache_bytes(int num_threads) {
+  const int64_t nt = resolve_threads(num_threads);
+  const int64_t cache = std::min(llc_bytes(), l2_bytes() * nt);
+  return static_cast<int64_t>(static_cast<double>(cache) * kCacheFraction);
+}
+
+int64_t auto_cache_bytes(int64_t working_set_bytes, int num_threads) {
+  if (static_cast<double>(working_set_bytes) <= static_cast<double>(llc_bytes()) * kLLCFraction) return 0;
+  return default_cache_bytes(num_threads);
+}
+
 void modular_pcgrad(const void* grads, int dtype, int64_t T, int64_t row_stride, const int64_t* chunk_start,
                     const int64_t* chunk_len, const int64_t* chunk_module, int64_t num_chunks,
                     const int64_t* chunk_first, int64_t M, const int64_t* order, float eps, void* out,
-                    int out_dtype, int num_threads) {
+                    int out_dtype, int num_threads, int64_t cache_bytes) {
   check_tasks(T);
-  gram_chunk_fn(dtype);
-  combine_chunk_fn(dtype, out_dtype);  // validate codes before any work
-  std::vector<float> gram(static_cast<size_t>(M * T * T));
-  std::vector<float> weights(static_cast<size_t>(M * T));
-  segmented_gram(grads, dtype, T, row_stride, chunk_start, chunk_len, num_chunks, chunk_first, M, gram.data(),
-                 num_threads);
-  pcgrad_weights(gram.data(), order, M, T, eps, weights.data(), num_threads);
-  segmented_combine(grads, dtype, T, row_stride, chunk_start, chunk_len, chunk_module, num_chunks, weights.data(),
-                    out, out_dtype, num_threads);
+  const GramChunkFn gram_fn = gram_chunk_fn(dtype);
+  const CombineChunkFn combine_fn = combine_chunk_fn(dtype, out_dtype);  // validate codes before any work
+  const int64_t esize = dtype == kFloat32 ? 4 : 2, oesize = out_dtype == kFloat32 ? 4 : 2;
+  const int64_t per_elem = T * esize + oesize;
+  if (cache_bytes < 0) {
+    int64_t n = 0;
+    for (int64_t k = 0; k < num_chunks; ++k) n += chunk_len[k];
+    cache_bytes = auto_cache_bytes(n * per_elem, num_threads);
+  }
+  if (cache_bytes == 0 || num_chunks <= 0) {  // two-pass schedule: Gram over all chunks, solve, combine
+    std::vector<float> gram(static_cast<size_t>(M * T * T));
+    std::vector<float> weights(static_cast<size_t>(M * T));
+    segmented_gram(grads, dtype, T, row_stride, chunk_start, chunk_len, num_chunks, chunk_first, M, gram.data(),
+                   num_threads);
+    pcgrad_weights(gram.data(), order, M, T, eps, weights.data(), num_threads);
+    segmented_combine(grads, dtype, T, row_stride, chunk_start, chunk_len, chunk_module, num_chunks,
+                      weights.data(), out, out_dtype, num_threads);
+    return;
+  }
+  // Cache-blocked schedule: consecutive modules in groups whose bytes (T input rows + the output) fit
+  // cache_bytes; a larger module forms a group alone. Per group: Gram partials of its chunks, then reduce +
+  // solve of its modules, then combine of its chunks while the rows are still cached. The per-chunk,
+  // per-module and per-element arithmetic is that of the two-pass schedule (same functions): same bits.
+  std::vector<int64_t> group_first{0};  // module boundaries of the groups
+  {
+    int64_t bytes = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      int64_t n = 0;
+      for (int64_t k = chunk_first[m]; k < chunk_first[m + 1]; ++k) n += chunk_len[k];
+      const int64_t b = n * per_elem;
+      if (m > group_first.back() && bytes + b > cache_bytes) {
+        group_first.push_back(m);
+        bytes = 0;
+      }
+      bytes += b;
+    }
+    group_first.push_back(M);
+  }
+  const int64_t num_groups = static_cast<int64_t>(group_first.size()) - 1;
+  const GramShape shape(T);
+  const int64_t P = shape.P;
+  const int nt = resolve_threads(num_threads);
+  std::vector<float> partials(static_cast<size_t>(num_chunks * P));
+  // One parallel region, one barrier per group. Thread `tid` owns a contiguous, element-balanced range of
+  // the group's chunks for BOTH its Gram and its combine (so the combine re-reads what this core just read).
+  // After the barrier every thread reduces + solves the modules its combine range touches, itself, into
+  // private scratch (a module shared by two ranges is solved twice, with the same code and the same bits).
+  // The combine of group g and the Gram of group g + 1 touch disjoint chunks (out may be a row of grads:
+  // out[n] is only written for n in group g) and disjoint partials, so no second barrier is needed.
+#pragma omp parallel num_threads(nt) if (nt > 1 && num_chunks > 1)
+  {
+    int tid = 0, nth = 1;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+    nth = omp_get_num_threads();
+#endif
+    GramScratch scratch(shape);
+    std::vector<float> Gm(static_cast<size_t>(T * T));
+    std::vector<float> Wl;  // weights of the modules of this thread's combine range
+    for (int64_t g = 0; g < num_groups; ++g) {
+      const int64_t m0 = group_first[g], m1 = group_first[g + 1];
+      const int64_t k0 = chunk_first[m0], k1 = chunk_first[m1];
+      int64_t c0 = k0, c1 = k0;
+      if (k1 > k0) {
+        // chunks are sorted and adjacent: the group's elements are [base, end); split them evenly by chunk start
+        const int64_t base = chunk_start[k0], total = chunk_start[k1 - 1] + chunk_len[k1 - 1] - base;
+        auto bound = [&](int64_t t) -> int64_t {
+          if (t <= 0) return k0;
+          if (t >= nth) return k1;
+          const int64_t target = base + total * t / nth;
+          return std::lower_bound(chunk_start + k0, chunk_start + k1, target) - chunk_start;
+        };
+        c0 = bound(tid);
+        c1 = bound(tid + 1);
+      }
+      for (int64_t k = c0; k < c1; ++k)
+        gram_fn(grads, row_stride, chunk_start[k], chunk_len[k], shape, scratch, partials.data() + k * P);
+#pragma omp barrier
+      if (c1 > c0) {
+        const int64_t ma = chunk_module[c0], mb = chunk_module[c1 - 1];
+        Wl.resize(static_cast<size_t>((mb - ma + 1) * T));
+        for (int64_t m = ma; m <= mb; ++m) {
+          reduce_module(partials.data(), chunk_first, m, T, P, Gm.data());
+          solve_module(Gm.data(), order + m * T * (T - 1), T, eps, Wl.data() + (m - ma) * T);
+        }
+        // Backwards: the chunks this core read last (still in its L2 when the range is larger) come first.
+        for (int64_t k = c1 - 1; k >= c0; --k)
+          combine_fn(grads, T, row_stride, chunk_start[k], chunk_len[k], Wl.data() + (chunk_module[k] - ma) * T, out);
+      }
+    }
+  }
 }
 
 void fused_step(const void* grads, int dtype, int64_t T, int64_t row_stride, const int64_t* chunk_start,

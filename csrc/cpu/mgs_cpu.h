@@ -34,10 +34,33 @@ void segmented_combine(const void* grads, int dtype, int64_t T, int64_t row_stri
                        const float* weights, void* out, int out_dtype, int num_threads);
 
 // The three stages in one call (gram and weights in host scratch).
+// cache_bytes == 0: two passes (Gram over all chunks, solve, combine over all chunks: the [T, N] buffer is
+// read twice from memory). cache_bytes > 0: cache-blocked schedule: consecutive modules are grouped so that
+// a group's (T input rows + output) bytes fit cache_bytes (a larger module is a group alone) and each group
+// runs Gram -> solve -> combine while its rows are cached, in one OpenMP parallel region. cache_bytes < 0:
+// auto_cache_bytes(). Both schedules give bitwise identical results (same per-chunk partials, same
+// fixed-order per-module reduction, same solve and combine), independent of the thread count.
 void modular_pcgrad(const void* grads, int dtype, int64_t T, int64_t row_stride, const int64_t* chunk_start,
                     const int64_t* chunk_len, const int64_t* chunk_module, int64_t num_chunks,
                     const int64_t* chunk_first, int64_t M, const int64_t* order, float eps, void* out,
-                    int out_dtype, int num_threads);
+                    int out_dtype, int num_threads, int64_t cache_bytes = -1);
+
+// Cache sizes in bytes: sysconf(_SC_LEVEL{3,2}_CACHE_SIZE), else /sys/devices/system/cpu/cpu0/cache/index{3,2}/size,
+// else the fallbacks below. L2 is per core.
+constexpr int64_t kDefaultLLCBytes = int64_t(8) << 20;
+constexpr int64_t kDefaultL2Bytes = int64_t(1) << 20;
+int64_t llc_bytes();
+int64_t l2_bytes();
+// The budget of modular_pcgrad's blocked schedule: kCacheFraction * min(LLC, L2 per core x threads).
+// Measured on a 2-core Xeon VM (2 MiB L2 per core; a reported 480 MiB L3 that streams only ~1.3x faster than
+// DRAM): budgets of 2 - 6 MiB (the threads' L2) gave the best times, 8 - 256 MiB (the L3) no gain.
+constexpr double kCacheFraction = 1.0;
+int64_t default_cache_bytes(int num_threads = 0);
+// The budget used when modular_pcgrad gets cache_bytes < 0: 0 (two passes; the second read already comes
+// from the LLC, and blocking only adds barriers) when the whole working set (T input rows + output) fits in
+// kLLCFraction of the LLC, else default_cache_bytes(num_threads).
+constexpr double kLLCFraction = 0.5;
+int64_t auto_cache_bytes(int64_t working_set_bytes, int num_threads = 0);
 
 // Fused optimizer step (the contract of mgs_kernels/_fused_step.py, hyper columns in ../mgs_fused_step.h).
 // Chunks are those of a ChunkTable over parameter slots (chunk_slot[k] = slot id; chunks of slot s are

@@ -11,6 +11,8 @@ to ``_fused_step.reference_kernel``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import _fused_step, _native
@@ -20,6 +22,22 @@ from . import torch_backend
 # Elements per chunk of the Gram / combine passes (one OpenMP work item).
 CHUNK = 1 << 14
 _CPU = torch.device("cpu")
+# Cache budget (bytes) of modular_pcgrad's cache-blocked schedule; read at every call.
+# Unset: the native default (_mgs_cpu.auto_cache_bytes: two passes when T rows + output fit in half the
+# last-level cache, else groups of about the threads' L2 size); 0: two-pass schedule; > 0: that budget.
+CACHE_ENV = "MGS_CPU_CACHE_BYTES"
+
+
+def cache_bytes() -> int:
+    """The blocking budget passed to the native modular_pcgrad: $MGS_CPU_CACHE_BYTES, or -1 (native default)."""
+    v = os.environ.get(CACHE_ENV, "").strip()
+    if not v:
+        return -1
+    try:
+        n = int(float(v))
+    except ValueError:
+        raise ValueError(f"{CACHE_ENV} must be a byte count (0 disables cache blocking), got {v!r}") from None
+    return max(n, 0)
 
 
 def load():
@@ -82,7 +100,8 @@ def segmented_combine(grads: torch.Tensor, plan: SegmentPlan, weights: torch.Ten
 
 
 def modular_pcgrad(grads: torch.Tensor, plan: SegmentPlan, order: torch.Tensor, eps: float, out: torch.Tensor) -> None:
-    """The three stages in one native call (Gram and weights in native scratch)."""
+    """The three stages in one native call (Gram and weights in native scratch), cache-blocked by module
+    groups of at most ``cache_bytes()`` bytes (bitwise identical to the two-pass schedule)."""
     T, N = grads.shape
     if T > _native.MAX_TASKS:
         gram = torch_backend.segmented_gram(grads, plan)
@@ -96,7 +115,7 @@ def modular_pcgrad(grads: torch.Tensor, plan: SegmentPlan, order: torch.Tensor, 
         grads.data_ptr(), _native.dtype_code(grads.dtype), T, grads.stride(0),
         t.start.data_ptr(), t.length.data_ptr(), t.module.data_ptr(), t.num_chunks, t.first.data_ptr(),
         plan.num_modules, order.data_ptr(), float(eps), out.data_ptr(), _native.dtype_code(out.dtype),
-        _native.num_threads(),
+        _native.num_threads(), cache_bytes(),
     )
 
 
