@@ -109,6 +109,7 @@ class ModularGradientSurgery:
 
         self.buffer = torch.zeros(T, N, dtype=dtype, device=self.device)
         self._out: Optional[torch.Tensor] = None
+        self._out_views: Optional[List[torch.Tensor]] = None
         self._excluded = torch.tensor(self.partition.excluded, dtype=torch.bool, device=self.device)
         self._row_views: List[List[torch.Tensor]] = [
             [self.buffer[t, s.start : s.end].view(s.shape) for s in slots] for t in range(T)
@@ -253,16 +254,24 @@ class ModularGradientSurgery:
         self._point_grads_at_out()
 
     def _point_grads_at_out(self) -> None:
-        for s, touched in zip(self.partition.slots, self._touched):
+        if self._out_views is None:
+            # The result buffer is persistent, so its per-parameter views (DTensor-wrapped for FSDP2)
+            # are built once; only parameters of another dtype than the buffer need a fresh cast.
+            views = []
+            for s in self.partition.slots:
+                view = self._out[s.start : s.end].view(s.shape)
+                if view.dtype == s.param.dtype and is_dtensor(s.param):
+                    view = _like_dtensor(view, s.param)
+                views.append(view)
+            self._out_views = views
+        for s, touched, view in zip(self.partition.slots, self._touched, self._out_views):
             if not touched:
                 s.param.grad = None
-                continue
-            view = self._out[s.start : s.end].view(s.shape)
-            if view.dtype != s.param.dtype:
-                view = view.to(s.param.dtype)
-            if is_dtensor(s.param):
-                view = _like_dtensor(view, s.param)
-            s.param.grad = view
+            elif view.dtype == s.param.dtype:
+                s.param.grad = view
+            else:
+                cast = view.to(s.param.dtype)
+                s.param.grad = _like_dtensor(cast, s.param) if is_dtensor(s.param) else cast
         self._stale = True
 
     def resolve(self) -> SurgeryStats:
