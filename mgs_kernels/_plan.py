@@ -34,9 +34,8 @@ class SegmentPlan:
         self.numel = int(offsets_host[-1]) if offsets_host.numel() else 0
         self.sizes_host = offsets_host[1:] - offsets_host[:-1]
         self._device_offsets: Dict[torch.device, torch.Tensor] = {}
-        self._chunk_tables: Dict[Tuple[int, torch.device, torch.dtype], "ChunkTable"] = {}
         self._cache: Dict[object, object] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def cached(self, key, build):
         """``build()`` once per ``key`` for this plan (backend-private tables live here)."""
@@ -62,15 +61,9 @@ class SegmentPlan:
         self, chunk_size: int, device: torch.device, index_dtype: torch.dtype = torch.int64
     ) -> "ChunkTable":
         """Every module split into pieces of at most ``chunk_size`` elements (cached per size/device)."""
-        key = (int(chunk_size), torch.device(device), index_dtype)
-        table = self._chunk_tables.get(key)
-        if table is None:
-            with self._lock:
-                table = self._chunk_tables.get(key)
-                if table is None:
-                    table = ChunkTable.build(self, chunk_size, key[1], index_dtype)
-                    self._chunk_tables[key] = table
-        return table
+        device = torch.device(device)
+        return self.cached(("chunks", int(chunk_size), device, index_dtype),
+                           lambda: ChunkTable.build(self, int(chunk_size), device, index_dtype))
 
 
 class ChunkTable:
@@ -83,12 +76,11 @@ class ChunkTable:
         per_module: [M] int64 number of chunks of each module (0 for an empty module).
         first: [M+1] int64 prefix sum of per_module (chunks of module m are first[m]:first[m+1]).
         num_chunks: K (a Python int).
-        max_chunks_per_module: the largest per_module value (a Python int).
         host: the same start / length / module / first tables as int64 CPU tensors (the table is
             built on the host; launchers that need host-side facts read these, never the device).
     """
 
-    def __init__(self, chunk_size, module, start, length, per_module, first, num_chunks, max_per):
+    def __init__(self, chunk_size, module, start, length, per_module, first, num_chunks):
         self.chunk_size = chunk_size
         self.module = module
         self.start = start
@@ -96,7 +88,6 @@ class ChunkTable:
         self.per_module = per_module
         self.first = first
         self.num_chunks = num_chunks
-        self.max_chunks_per_module = max_per
         self.host: dict = {}
 
     @staticmethod
@@ -113,7 +104,6 @@ class ChunkTable:
         start = plan.offsets_host[:-1][module] + local * chunk_size
         end = plan.offsets_host[1:][module]
         length = torch.minimum(end - start, torch.tensor(chunk_size, dtype=torch.int64))
-        max_per = int(per_module.max()) if plan.num_modules else 0
         table = ChunkTable(
             chunk_size,
             module.to(device=device, dtype=index_dtype),
@@ -122,7 +112,6 @@ class ChunkTable:
             per_module.to(device),
             first.to(device),
             num_chunks,
-            max_per,
         )
         table.host = {"start": start, "length": length, "module": module, "first": first}
         return table

@@ -338,7 +338,7 @@ class ModularGradientSurgery:
             total = stats.grad_norm
             if error_if_nonfinite and not bool(torch.isfinite(total)):
                 raise RuntimeError(
-                    f"The total norm of order 2.0 for gradients from `parameters` is non-finite, so it cannot "
+                    "The total norm of order 2.0 for gradients from `parameters` is non-finite, so it cannot "
                     "be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
                     "set `error_if_nonfinite=False`"
                 )

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mgs_kernels as mgs
-from mgs_kernels import MGSInputError, reference
+from mgs_kernels import MGSInputError
 from mgs_kernels.diagnostics import unbiased_sq_norm_from_gram
 from models import lm_loss, task_batch, tiny_model
 

@@ -16,7 +16,6 @@ added to the train logs (trl's ``log`` override merges its own metrics into the 
 
 from __future__ import annotations
 
-import torch
 
 try:
     import trl
