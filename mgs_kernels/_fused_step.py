@@ -210,11 +210,6 @@ def prepare(surgery, optimizer, weights: torch.Tensor, keep_grads: bool) -> Opti
 
     ptrs_dev = to_device(torch.tensor(ptr_rows, dtype=torch.int64))
     hyper = torch.tensor(hyper_rows, dtype=torch.float64)
-    grad_out = None
-    if keep_grads:
-        if surgery._out is None:
-            surgery._out = torch.empty(surgery.partition.numel, dtype=surgery.dtype, device=device)
-        grad_out = surgery._out
     return FusedStepArgs(
         kind=kind,
         grads=surgery.buffer,
@@ -226,7 +221,7 @@ def prepare(surgery, optimizer, weights: torch.Tensor, keep_grads: bool) -> Opti
         state2_ptr=ptrs_dev[2],
         state3_ptr=ptrs_dev[3],
         hyper=to_device(hyper.to(torch.float32)),
-        grad_out=grad_out,
+        grad_out=surgery._result_buffer() if keep_grads else None,
         num_slots=S,
         param_tensors=param_tensors,
         state_tensors=state_tensors,

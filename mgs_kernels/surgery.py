@@ -98,14 +98,19 @@ class ModularGradientSurgery:
         M, T, N = self.partition.num_modules, num_tasks, self.partition.numel
         self.backend = backend
         self._backend = backends.get_backend(backend, self.device)
+        # The table used every step (explicit or "fixed"), or None: draw a fresh one per step ("random").
         if isinstance(order, torch.Tensor):
             check_order(order, M, T, order.device)
             order = order.to(self.device)
-        elif order not in ("random", "fixed"):
+            self._static_order: Optional[torch.Tensor] = order
+        elif order == "fixed":
+            self._static_order = fixed_order(M, T, device=self.device)
+        elif order == "random":
+            self._static_order = None
+        else:
             raise MGSInputError(f"order must be 'random', 'fixed' or an int64 tensor [M, T, T-1], got {order!r}")
         self.order = order
         self._generator = torch.Generator().manual_seed(seed)
-        self._fixed_order = fixed_order(M, T, device=self.device) if order == "fixed" else None
 
         self.buffer = torch.zeros(T, N, dtype=dtype, device=self.device)
         self._out: Optional[torch.Tensor] = None
@@ -211,12 +216,9 @@ class ModularGradientSurgery:
 
     # ------------------------------------------------------------------ resolve
     def _order_table(self) -> torch.Tensor:
-        M, T = self.partition.num_modules, self.num_tasks
-        if isinstance(self.order, torch.Tensor):
-            return self.order
-        if self._fixed_order is not None:
-            return self._fixed_order
-        table = random_order(M, T, generator=self._generator)
+        if self._static_order is not None:
+            return self._static_order
+        table = random_order(self.partition.num_modules, self.num_tasks, generator=self._generator)
         if self.device.type == "cuda":
             table = table.pin_memory()
         return table.to(self.device, non_blocking=True)
@@ -248,10 +250,14 @@ class ModularGradientSurgery:
 
     def _write_grads(self, weights: torch.Tensor) -> None:
         """Stage 3: combine into the result buffer and point every touched ``p.grad`` at it."""
+        self._backend.segmented_combine(self.buffer, self.partition.plan, weights, self._result_buffer())
+        self._point_grads_at_out()
+
+    def _result_buffer(self) -> torch.Tensor:
+        """The [N] buffer the combined gradient lands in (allocated once; p.grad are views of it)."""
         if self._out is None:
             self._out = torch.empty(self.partition.numel, dtype=self.dtype, device=self.device)
-        self._backend.segmented_combine(self.buffer, self.partition.plan, weights, self._out)
-        self._point_grads_at_out()
+        return self._out
 
     def _point_grads_at_out(self) -> None:
         if self._out_views is None:
