@@ -282,3 +282,18 @@ def test_top_k_applies_surgery_to_the_largest_modules_only():
     assert_close_to_reference(collected_grads(part), expected, part.offsets, 2e-4)
     assert stats.excluded.tolist() == [m not in top for m in range(part.num_modules)]
     assert any((stats.weights[m] != 1).any() for m in top)  # surgery did act on the chosen modules
+
+
+def test_explicit_order_table_is_used_every_step():
+    model = tiny_model("llama", seed=7)
+    T = 3
+    batches = [task_batch(t) for t in range(T)]
+    probe = mgs.build_partition(model, "module")
+    # Descending visit order, different from both "fixed" (ascending) and the seed's random draw.
+    table = mgs.fixed_order(probe.num_modules, T).flip(-1).contiguous()
+    s = mgs.ModularGradientSurgery(model, num_tasks=T, partition="module", order=table)
+    expected = expected_result(model, s.partition, [[lambda b=b: lm_loss(model, b)] for b in batches], table)
+    for _ in range(2):
+        stats = s.backward([lm_loss(model, b) for b in batches])
+        assert torch.equal(stats.order, table)
+        assert_close_to_reference(collected_grads(s.partition), expected, s.partition.offsets, 2e-4)
