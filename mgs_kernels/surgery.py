@@ -121,6 +121,10 @@ class ModularGradientSurgery:
         ]
         self._touched = [False] * len(slots)
         self._windows: List[int] = []  # task of every capture window this step (alignment check)
+        # What every rank must agree on (checked once under torch.distributed); global shapes, so equal
+        # on every rank whatever its shards.
+        self._table_signature = repr((T, self.partition.names, self.partition.excluded,
+                                      [(s.name, tuple(s.param.shape)) for s in slots]))
         self._task: Optional[int] = None
         self._stale = False  # set by resolve(): the next capture starts a new step
         self._hooks = []
@@ -227,7 +231,7 @@ class ModularGradientSurgery:
         """Stages 1-2: (all-reduced) Gram matrices and PCGrad weights, as a stats object."""
         if self._task is not None:
             raise MGSInputError("resolve() / step() inside a capture window")
-        self.dist.verify(self._windows, self._table_signature(), self.device)
+        self.dist.verify(self._windows, self._table_signature, self.device)
         gram = self.dist.reduce_gram(self._backend.segmented_gram(self.buffer, self.partition.plan))
         order = self._order_table()
         weights = self._backend.pcgrad_weights(gram, order, self.eps)
@@ -383,11 +387,6 @@ class ModularGradientSurgery:
             with self.capture(t):
                 loss.backward(retain_graph=t < len(losses) - 1)
         return self.resolve()
-
-    def _table_signature(self) -> str:
-        part = self.partition
-        sizes = [tuple(s.param.shape) for s in part.slots]  # global shapes: equal on every rank
-        return repr((self.num_tasks, part.names, part.excluded, [s.name for s in part.slots], sizes))
 
     def remove(self) -> None:
         """Detach the gradient hooks from the model's parameters."""
