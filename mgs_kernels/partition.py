@@ -31,7 +31,7 @@ from ._plan import SegmentPlan, plan_from_sizes
 PartitionSpec = Union[str, Callable[[str], object]]
 ExcludeSpec = Optional[Union[str, "re.Pattern[str]", Callable[[str], bool], Iterable]]
 
-_NORM_NAME = re.compile(r"(^|_)(ln|norm|layernorm|rmsnorm)(_?\d+)?($|_)|norm", re.IGNORECASE)
+_NORM_NAME = re.compile(r"(^|_)ln(_?\d+)?($|_)|norm", re.IGNORECASE)  # ln_1 / ln_f (GPT-2), *norm*
 _ATTN_NAME = re.compile(r"attn|attention", re.IGNORECASE)
 _MLP_NAME = re.compile(r"mlp|ffn|feed_?forward|moe|experts|dense_?h", re.IGNORECASE)
 
@@ -123,7 +123,7 @@ def _outer_kind(owner_name: str, owner: Optional[nn.Module]) -> str:
         return "embed"
     if "norm" in type(owner).__name__.lower() or _NORM_NAME.search(owner_name.rsplit(".", 1)[-1]):
         return "norm"
-    if "head" in owner_name.lower() or "lm_head" in owner_name:
+    if "head" in owner_name.lower():
         return "head"
     return "other"
 
