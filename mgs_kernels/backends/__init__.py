@@ -13,7 +13,7 @@ Adding a backend is one line in ``_REGISTRY`` (and, if it should be chosen by "a
 from __future__ import annotations
 
 import importlib
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -87,3 +87,25 @@ def get_backend(name: str, device: torch.device):
     if not mod.supports(device):
         raise BackendUnavailableError(f"backend {name!r} does not support tensors on {device}")
     return mod
+
+
+_DEVICE_HINTS = {
+    "cuda": "needs a CUDA device",
+    "triton": "needs a CUDA device (or TRITON_INTERPRET=1 on the CPU, for testing)",
+    "cpu": "runs on CPU tensors only",
+}
+
+
+def backend_status(device) -> Dict[str, Optional[str]]:
+    """Every registered backend -> None where it can run on ``device`` here, else why not (one line)."""
+    device = torch.device(device)
+    status: Dict[str, Optional[str]] = {}
+    for name in _REGISTRY:
+        mod = _load(name)
+        if mod is None:
+            status[name] = f"not available: {_errors.get(name)}"
+        elif not mod.supports(device):
+            status[name] = f"not for {device.type} tensors: {_DEVICE_HINTS.get(name, 'unsupported device')}"
+        else:
+            status[name] = None
+    return status

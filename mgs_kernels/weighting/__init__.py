@@ -1,0 +1,19 @@
+"""Weightings: the Gram -> weights stage of the pipeline ``segmented_gram -> weights -> segmented_combine``.
+
+``get_weighting("upgrad", {...})`` returns a configured ``Weighting``; ``methods()`` lists them. Each
+method lives in its own module below and registers itself on import.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import State, Weighting, get_weighting, methods, register
+
+# Modules that define (and register) methods, imported once here.
+_METHOD_MODULES = ()
+
+for _name in _METHOD_MODULES:
+    importlib.import_module(f"{__name__}.{_name}")
+
+__all__ = ["Weighting", "State", "get_weighting", "methods", "register"]
