@@ -98,7 +98,7 @@ def bench_step(args) -> None:
     for T in args.tasks:
         s = mgs_kernels.ModularGradientSurgery(model, num_tasks=T, partition="tensor", backend="cpu")
         s.buffer.normal_(generator=torch.Generator().manual_seed(T))
-        s._touched = [True] * len(s._touched)  # as if every parameter got a gradient from a captured backward
+        s.task_grads.mark_touched()  # as if every parameter got a gradient from a captured backward
         opts = {
             "fused: surgery.step(AdamW, max_grad_norm=1)": torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1),
             "resolve + clip + AdamW(foreach=False)": torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1,

@@ -28,12 +28,12 @@ import torch  # noqa: E402
 
 import layouts  # noqa: E402
 import mgs_kernels  # noqa: E402
-from mgs_kernels import reference  # noqa: E402
+from mgs_kernels import _settings, reference  # noqa: E402
 from providers import backend_names  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = backend_names(DEVICE)
-N = float(os.environ.get("MGS_BENCH_N", "2e6"))
+N = float(_settings.get("MGS_BENCH_N") or 2e6)
 LAYOUT = layouts.scaled("llama3.1-8b", N)
 OFFSETS = LAYOUT.offsets("tensor").to(DEVICE)
 M = LAYOUT.num_modules("tensor")

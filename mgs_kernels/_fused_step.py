@@ -1,7 +1,7 @@
 """Host side of the fused optimizer step: which optimizers qualify, torch-format optimizer state, and
 the per-parameter ("slot") tables a backend kernel consumes.
 
-A backend that defines ``fused_optimizer_kernel(args: FusedStepArgs) -> None`` gets one pass over the
+A backend whose ``fused_step(args: FusedStepArgs) -> None`` is set gets one pass over the
 task rows that, for every element n of an active slot s (a parameter with a gradient this step),
 computes the combined gradient and applies the update in place (see ``reference_kernel``, the
 definition of the arithmetic, float32 throughout)::
@@ -26,12 +26,12 @@ is torch's: ``a + w * (b - a)`` for w < 0.5, else ``b - (b - a) * (1 - w)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ._plan import ChunkTable, plan_from_sizes
-from .partition import local_tensor
+from ._plan import ChunkTable
+from .partition import ParamSlot, local_tensor
 
 SGD_KIND, ADAM_KIND = 0, 1
 
@@ -73,9 +73,11 @@ class FusedStepArgs:
     hyper: torch.Tensor
     grad_out: Optional[torch.Tensor]
     num_slots: int
-    # Host-side views of the same tensors, for the reference kernel and tests.
+    # Host-side copies / views of the same data, for the reference kernel (no device reads) and tests.
     param_tensors: List[Optional[torch.Tensor]]
     state_tensors: List[List[Optional[torch.Tensor]]]
+    active_host: List[bool]
+    hyper_host: List[List[float]]
 
 
 def _kind(optimizer) -> Optional[int]:
@@ -97,143 +99,182 @@ def _group_ok(group: dict, kind: int) -> bool:
     return True
 
 
-def slot_chunks(surgery) -> ChunkTable:
-    """Chunk table over the surgery's parameter slots (cached on the surgery)."""
-    table = getattr(surgery, "_slot_chunks", None)
-    if table is None:
-        sizes = [s.end - s.start for s in surgery.partition.slots]
-        table = plan_from_sizes(sizes).chunk_table(SLOT_CHUNK, surgery.device)
-        surgery._slot_chunks = table
-        surgery._slot_module = torch.tensor([s.module for s in surgery.partition.slots], dtype=torch.int64,
-                                            device=surgery.device)
-    return table
+class FusedStep:
+    """The fused optimizer step of one surgery: per-slot tables built once, per-step arguments on demand.
 
+    Args:
+        slots: the partition's parameter slots (``slot.start:slot.end`` in the task rows).
+        device: the surgery's device (where the tables and the task rows live).
+    """
 
-def prepare(surgery, optimizer, weights: torch.Tensor, keep_grads: bool) -> Optional[FusedStepArgs]:
-    """FusedStepArgs for this step, creating optimizer state in torch's format; None when the
-    optimizer or its settings are not covered (the caller then falls back to optimizer.step())."""
-    kind = _kind(optimizer)
-    if kind is None:
-        return None
-    slots = surgery.partition.slots
-    group_of: Dict[int, dict] = {}
-    for group in optimizer.param_groups:
-        if not _group_ok(group, kind):
+    def __init__(self, slots: Sequence[ParamSlot], device: torch.device):
+        self.slots = list(slots)
+        self.device = device
+        self._chunks: Optional[ChunkTable] = None
+        self._slot_module: Optional[torch.Tensor] = None
+
+    @property
+    def chunks(self) -> ChunkTable:
+        """Chunk table over the slots (``chunks.module`` is the slot id), built on first use."""
+        if self._chunks is None:
+            starts = torch.tensor([s.start for s in self.slots], dtype=torch.int64)
+            lengths = torch.tensor([s.end - s.start for s in self.slots], dtype=torch.int64)
+            self._chunks = ChunkTable.from_ranges(starts, lengths, SLOT_CHUNK, self.device)
+        return self._chunks
+
+    @property
+    def slot_module(self) -> torch.Tensor:
+        """int64 [S] on the device: the module of each slot."""
+        if self._slot_module is None:
+            self._slot_module = torch.tensor([s.module for s in self.slots], dtype=torch.int64, device=self.device)
+        return self._slot_module
+
+    def prepare(self, optimizer: torch.optim.Optimizer, grads: torch.Tensor, weights: torch.Tensor,
+                touched: Sequence[bool], grad_out: Optional[torch.Tensor]) -> Optional[FusedStepArgs]:
+        """FusedStepArgs for this step, creating optimizer state in torch's format; None when the
+        optimizer or its settings are not covered (the caller then falls back to optimizer.step()).
+
+        Args:
+            optimizer: the torch optimizer to step.
+            grads: [T, N] task rows.
+            weights: float32 [M, T] combine weights (clip coefficient folded in).
+            touched: [S] bools, slot s has a gradient this step.
+            grad_out: [N] tensor to receive the combined gradient (keep_grads), or None.
+        """
+        kind = _kind(optimizer)
+        if kind is None:
             return None
-        for p in group["params"]:
-            group_of[id(p)] = group
-    in_partition = {id(s.param) for s in slots}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            # torch's step would update a parameter with a gradient that the surgery does not own.
-            if id(p) not in in_partition and p.grad is not None:
+        slots = self.slots
+        device = self.device
+        group_of: Dict[int, dict] = {}
+        for group in optimizer.param_groups:
+            if not _group_ok(group, kind):
                 return None
-    active = [touched and id(s.param) in group_of for s, touched in zip(slots, surgery._touched)]
-    for s, act in zip(slots, active):
-        if act:
-            local = local_tensor(s.param.detach())
-            if (local.dtype != torch.float32 or local.device != surgery.device or local.is_complex()
-                    or not local.is_contiguous()):
-                return None
-            for value in optimizer.state.get(s.param, {}).values():  # existing state, e.g. after load_state_dict
-                if isinstance(value, torch.Tensor) and value.dim():
-                    v = local_tensor(value)
-                    if v.dtype != torch.float32 or v.device != surgery.device or not v.is_contiguous():
-                        return None
+            for p in group["params"]:
+                group_of[id(p)] = group
+        in_partition = {id(s.param) for s in slots}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                # torch's step would update a parameter with a gradient that the surgery does not own.
+                if id(p) not in in_partition and p.grad is not None:
+                    return None
+        active = [touched and id(s.param) in group_of for s, touched in zip(slots, touched)]
+        for s, act in zip(slots, active):
+            if act:
+                local = local_tensor(s.param.detach())
+                if (local.dtype != torch.float32 or local.device != device or local.is_complex()
+                        or not local.is_contiguous()):
+                    return None
+                for value in optimizer.state.get(s.param, {}).values():  # existing state, e.g. after load_state_dict
+                    if isinstance(value, torch.Tensor) and value.dim():
+                        v = local_tensor(value)
+                        if v.dtype != torch.float32 or v.device != device or not v.is_contiguous():
+                            return None
 
-    S = len(slots)
-    # Plain lists, turned into tensors once: per-element tensor writes cost ~10 ms per step at S ~ 300.
-    hyper_rows = [[0.0] * NUM_HYPER for _ in range(S)]
-    ptr_rows = [[0] * S for _ in range(4)]
-    param_tensors: List[Optional[torch.Tensor]] = [None] * S
-    state_tensors: List[List[Optional[torch.Tensor]]] = [[None, None, None] for _ in range(S)]
-    for i, (s, act) in enumerate(zip(slots, active)):
-        if not act:
-            continue
-        p = s.param
-        group = group_of[id(p)]
-        state = optimizer.state[p]
-        h = hyper_rows[i]
-        h[LR] = group["lr"]
-        h[WD] = group["weight_decay"]
-        h[MAXIMIZE] = float(bool(group.get("maximize", False)))
-        if kind == SGD_KIND:
-            momentum = group["momentum"]
-            h[MOMENTUM] = momentum
-            h[DAMPENING_KEEP] = 1 - group["dampening"]
-            h[NESTEROV] = float(bool(group["nesterov"]))
-            states = [None, None, None]
-            if momentum != 0:
-                h[HAS_MOMENTUM] = 1.0
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    h[FIRST] = 1.0
-                    buf = torch.empty_like(p, memory_format=torch.preserve_format)
-                    state["momentum_buffer"] = buf
-                states[0] = buf
-        else:
-            if len(state) == 0:
-                # torch keeps 'step' on the CPU when neither capturable nor fused (see Adam._init_group).
-                scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-                state["step"] = torch.tensor(0.0, dtype=scalar_dtype)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"]:
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            step = float(state["step"])
-            beta1, beta2 = group["betas"]
-            lr, wd = group["lr"], group["weight_decay"]
-            h[ONE_MINUS_BETA1], h[BETA2], h[ONE_MINUS_BETA2] = 1 - beta1, beta2, 1 - beta2
-            h[EPS] = group["eps"]
-            h[STEP_SIZE] = lr / (1 - beta1**step)
-            h[BC2_SQRT] = (1 - beta2**step) ** 0.5
-            h[AMSGRAD] = float(bool(group["amsgrad"]))
-            decoupled = bool(group.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW))
-            h[DECOUPLED] = float(decoupled)
-            h[DECAY] = 1 - lr * wd
-            states = [state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq")]
-        param_tensors[i] = local_tensor(p.detach())
-        state_tensors[i] = [local_tensor(t) if t is not None else None for t in states]
-        ptr_rows[0][i] = param_tensors[i].data_ptr()
-        for k, t in enumerate(state_tensors[i]):
-            if t is not None:
-                ptr_rows[k + 1][i] = t.data_ptr()
+        S = len(slots)
+        # Plain lists, turned into tensors once: per-element tensor writes cost ~10 ms per step at S ~ 300.
+        hyper_rows = [[0.0] * NUM_HYPER for _ in range(S)]
+        ptr_rows = [[0] * S for _ in range(4)]
+        param_tensors: List[Optional[torch.Tensor]] = [None] * S
+        state_tensors: List[List[Optional[torch.Tensor]]] = [[None, None, None] for _ in range(S)]
+        for i, (s, act) in enumerate(zip(slots, active)):
+            if not act:
+                continue
+            p = s.param
+            group = group_of[id(p)]
+            state = optimizer.state[p]
+            h = hyper_rows[i]
+            h[LR] = group["lr"]
+            h[WD] = group["weight_decay"]
+            h[MAXIMIZE] = float(bool(group.get("maximize", False)))
+            if kind == SGD_KIND:
+                momentum = group["momentum"]
+                h[MOMENTUM] = momentum
+                h[DAMPENING_KEEP] = 1 - group["dampening"]
+                h[NESTEROV] = float(bool(group["nesterov"]))
+                states = [None, None, None]
+                if momentum != 0:
+                    h[HAS_MOMENTUM] = 1.0
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        h[FIRST] = 1.0
+                        buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                        state["momentum_buffer"] = buf
+                    states[0] = buf
+            else:
+                if len(state) == 0:
+                    # torch keeps 'step' on the CPU when neither capturable nor fused (see Adam._init_group).
+                    scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+                    state["step"] = torch.tensor(0.0, dtype=scalar_dtype)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if group["amsgrad"]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = float(state["step"])
+                beta1, beta2 = group["betas"]
+                lr, wd = group["lr"], group["weight_decay"]
+                h[ONE_MINUS_BETA1], h[BETA2], h[ONE_MINUS_BETA2] = 1 - beta1, beta2, 1 - beta2
+                h[EPS] = group["eps"]
+                h[STEP_SIZE] = lr / (1 - beta1**step)
+                h[BC2_SQRT] = (1 - beta2**step) ** 0.5
+                h[AMSGRAD] = float(bool(group["amsgrad"]))
+                decoupled = bool(group.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW))
+                h[DECOUPLED] = float(decoupled)
+                h[DECAY] = 1 - lr * wd
+                states = [state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq")]
+            param_tensors[i] = local_tensor(p.detach())
+            state_tensors[i] = [local_tensor(t) if t is not None else None for t in states]
+            ptr_rows[0][i] = param_tensors[i].data_ptr()
+            for k, t in enumerate(state_tensors[i]):
+                if t is not None:
+                    ptr_rows[k + 1][i] = t.data_ptr()
 
-    device = surgery.device
-    chunks = slot_chunks(surgery)
+        chunks = self.chunks
 
-    def to_device(t: torch.Tensor) -> torch.Tensor:
-        if device.type == "cuda":
-            return t.pin_memory().to(device, non_blocking=True)
-        return t
+        def to_device(t: torch.Tensor) -> torch.Tensor:
+            if device.type == "cuda":
+                return t.pin_memory().to(device, non_blocking=True)
+            return t
 
-    ptrs_dev = to_device(torch.tensor(ptr_rows, dtype=torch.int64))
-    hyper = torch.tensor(hyper_rows, dtype=torch.float64)
-    return FusedStepArgs(
-        kind=kind,
-        grads=surgery.buffer,
-        chunks=chunks,
-        active=to_device(torch.tensor(active, dtype=torch.int32)),
-        slot_weights=weights.float()[surgery._slot_module].contiguous(),
-        param_ptr=ptrs_dev[0],
-        state1_ptr=ptrs_dev[1],
-        state2_ptr=ptrs_dev[2],
-        state3_ptr=ptrs_dev[3],
-        hyper=to_device(hyper.to(torch.float32)),
-        grad_out=surgery._result_buffer() if keep_grads else None,
-        num_slots=S,
-        param_tensors=param_tensors,
-        state_tensors=state_tensors,
-    )
+        ptrs_dev = to_device(torch.tensor(ptr_rows, dtype=torch.int64))
+        hyper = torch.tensor(hyper_rows, dtype=torch.float64)
+        return FusedStepArgs(
+            kind=kind,
+            grads=grads,
+            chunks=chunks,
+            active=to_device(torch.tensor(active, dtype=torch.int32)),
+            slot_weights=weights.float()[self.slot_module].contiguous(),
+            param_ptr=ptrs_dev[0],
+            state1_ptr=ptrs_dev[1],
+            state2_ptr=ptrs_dev[2],
+            state3_ptr=ptrs_dev[3],
+            hyper=to_device(hyper.to(torch.float32)),
+            grad_out=grad_out,
+            num_slots=S,
+            param_tensors=param_tensors,
+            state_tensors=state_tensors,
+            active_host=list(active),
+            hyper_host=hyper.to(torch.float32).tolist(),
+        )
+
+    def run(self, kernel: Callable[[FusedStepArgs], None], optimizer: torch.optim.Optimizer, grads: torch.Tensor,
+            weights: torch.Tensor, touched: Sequence[bool], grad_out: Optional[torch.Tensor]) -> bool:
+        """Run ``kernel`` (a backend's ``fused_step``) if the optimizer qualifies; True if it ran."""
+        args = self.prepare(optimizer, grads, weights, touched, grad_out)
+        if args is None:
+            return False
+        kernel(args)
+        return True
 
 
 def reference_kernel(args: FusedStepArgs) -> None:
-    """The fused step in plain torch, slot by slot: the definition the native/Triton kernels match."""
-    slots_active = args.active.cpu().tolist()
-    hyper = args.hyper.cpu()
-    starts = args.chunks.start.cpu().tolist()
-    first = args.chunks.first.cpu().tolist()
+    """The fused step in plain torch, slot by slot: the definition the native/Triton kernels match.
+
+    Reads only the host copies of the tables (no device synchronisation)."""
+    slots_active = args.active_host
+    starts = args.chunks.host["start"].tolist()
+    first = args.chunks.host["first"].tolist()
     for s, act in enumerate(slots_active):
         if not act:
             continue
@@ -243,7 +284,7 @@ def reference_kernel(args: FusedStepArgs) -> None:
         a = starts[c0]
         p = args.param_tensors[s].view(-1)
         b = a + p.numel()
-        h = hyper[s].tolist()
+        h = args.hyper_host[s]
         g = (args.slot_weights[s][:, None] * args.grads[:, a:b].float()).sum(0)
         if args.grad_out is not None:
             args.grad_out[a:b] = g
@@ -276,19 +317,3 @@ def reference_kernel(args: FusedStepArgs) -> None:
             else:
                 vv = v
             p.addcdiv_(m, vv.sqrt() / h[BC2_SQRT] + h[EPS], value=-h[STEP_SIZE])
-
-
-def try_step(surgery, optimizer, weights: torch.Tensor, keep_grads: bool) -> bool:
-    """Run the backend's fused kernel if it has one and the optimizer qualifies; True if it ran."""
-    kernel = getattr(surgery._backend, "fused_optimizer_kernel", None)
-    if kernel is None:
-        return False
-    args = prepare(surgery, optimizer, weights, keep_grads)
-    if args is None:
-        return False
-    kernel(args)
-    for s in surgery.partition.slots:
-        s.param.grad = None
-    if keep_grads:
-        surgery._point_grads_at_out()
-    return True

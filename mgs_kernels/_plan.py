@@ -1,8 +1,8 @@
 """Segment plans: a validated module offset table plus the device-side tables kernels need.
 
 A plan is built once per offset table (one host read of the offsets, at most once per tensor and
-version) and caches, per device, the offsets and the chunk tables that split every module into
-fixed-size pieces. Later calls with the same offsets tensor reuse it: no host sync on the hot path.
+version) and caches, per device, the tables backends derive from it (the chunk tables that split every
+module into fixed-size pieces, the torch backend's block layout). Later calls with the same offsets tensor reuse it: no host sync on the hot path.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ class SegmentPlan:
         self.num_modules = offsets_host.numel() - 1
         self.numel = int(offsets_host[-1]) if offsets_host.numel() else 0
         self.sizes_host = offsets_host[1:] - offsets_host[:-1]
-        self._device_offsets: Dict[torch.device, torch.Tensor] = {}
         self._cache: Dict[object, object] = {}
         self._lock = threading.RLock()
 
@@ -48,29 +47,18 @@ class SegmentPlan:
                     self._cache[key] = value
         return value
 
-    def offsets(self, device: torch.device) -> torch.Tensor:
-        """int64 [M+1] offsets on ``device`` (cached)."""
-        device = torch.device(device)
-        t = self._device_offsets.get(device)
-        if t is None:
-            t = self.offsets_host.to(device)
-            self._device_offsets[device] = t
-        return t
-
-    def chunk_table(
-        self, chunk_size: int, device: torch.device, index_dtype: torch.dtype = torch.int64
-    ) -> "ChunkTable":
+    def chunk_table(self, chunk_size: int, device: torch.device) -> "ChunkTable":
         """Every module split into pieces of at most ``chunk_size`` elements (cached per size/device)."""
         device = torch.device(device)
-        return self.cached(("chunks", int(chunk_size), device, index_dtype),
-                           lambda: ChunkTable.build(self, int(chunk_size), device, index_dtype))
+        return self.cached(("chunks", int(chunk_size), device),
+                           lambda: ChunkTable.build(self, int(chunk_size), device))
 
 
 class ChunkTable:
     """Chunks of at most ``chunk_size`` elements, sorted by module, never crossing a module boundary.
 
     Attributes (all on ``device``):
-        module: [K] module id of each chunk (``index_dtype``).
+        module: [K] int64 module id of each chunk.
         start: [K] int64 first element of each chunk.
         length: [K] int64 number of elements (1..chunk_size).
         per_module: [M] int64 number of chunks of each module (0 for an empty module).
@@ -91,22 +79,29 @@ class ChunkTable:
         self.host: dict = {}
 
     @staticmethod
-    def build(plan: SegmentPlan, chunk_size: int, device: torch.device, index_dtype) -> "ChunkTable":
+    def build(plan: SegmentPlan, chunk_size: int, device: torch.device) -> "ChunkTable":
+        """Chunks of the plan's modules (which cover the flat axis)."""
+        return ChunkTable.from_ranges(plan.offsets_host[:-1], plan.sizes_host, chunk_size, device)
+
+    @staticmethod
+    def from_ranges(starts: torch.Tensor, lengths: torch.Tensor, chunk_size: int,
+                    device: torch.device) -> "ChunkTable":
+        """Chunks of R ranges ``[starts[r], starts[r] + lengths[r])`` (int64 CPU tensors [R]); ranges need
+        not cover the axis (e.g. parameter slots with alignment gaps between them). "module" r is range r."""
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        sizes = plan.sizes_host
-        per_module = (sizes + chunk_size - 1) // chunk_size
-        first = torch.zeros(plan.num_modules + 1, dtype=torch.int64)
+        per_module = (lengths + chunk_size - 1) // chunk_size
+        first = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
         torch.cumsum(per_module, 0, out=first[1:])
         num_chunks = int(first[-1])
-        module = torch.repeat_interleave(torch.arange(plan.num_modules), per_module)
+        module = torch.repeat_interleave(torch.arange(lengths.numel()), per_module)
         local = torch.arange(num_chunks, dtype=torch.int64) - first[:-1][module]
-        start = plan.offsets_host[:-1][module] + local * chunk_size
-        end = plan.offsets_host[1:][module]
+        start = starts[module] + local * chunk_size
+        end = (starts + lengths)[module]
         length = torch.minimum(end - start, torch.tensor(chunk_size, dtype=torch.int64))
         table = ChunkTable(
             chunk_size,
-            module.to(device=device, dtype=index_dtype),
+            module.to(device),
             start.to(device),
             length.to(device),
             per_module.to(device),
@@ -184,8 +179,6 @@ def get_plan(offsets: OffsetsLike, numel: int) -> SegmentPlan:
     host = _offsets_to_host(offsets)
     _validate_offsets_host(host, numel)
     plan = SegmentPlan(host)
-    if offsets.device.type != "cpu":
-        plan._device_offsets[offsets.device] = offsets.to(torch.int64)
     with _CACHE_LOCK:
         if key not in _PLAN_CACHE:
             weakref.finalize(offsets, _PLAN_CACHE.pop, key, None)

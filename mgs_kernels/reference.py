@@ -3,6 +3,10 @@
 ``modular_pcgrad`` loops over modules, tasks and task pairs with ``torch.dot`` and ``.item()``
 branching: readable, obviously PCGrad, and slow (O(M*T^2) launches and host syncs). It is the
 baseline of the benchmarks and, run in float64, the ground truth of the tests.
+
+``gram`` computes per-module Grams module by module; ``pcgrad_weights`` and ``decision_margin`` are the
+Gram-space solve of ``mgs_kernels.weighting.pcgrad`` (the one definition), run in the Gram's dtype
+(float64 for references). Tests check that solve against the plain loop above.
 """
 
 from __future__ import annotations
@@ -11,17 +15,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .order import fixed_order, random_order
+from .order import order_table
+from .weighting.pcgrad import decision_margin, pcgrad_weights
 
-
-def _order_table(order, num_modules, num_tasks, generator) -> torch.Tensor:
-    if isinstance(order, torch.Tensor):
-        return order.cpu()
-    if order == "fixed":
-        return fixed_order(num_modules, num_tasks)
-    if order == "random":
-        return random_order(num_modules, num_tasks, generator=generator).cpu()
-    raise ValueError(f"order must be 'random', 'fixed' or a tensor, got {order!r}")
+__all__ = ["modular_pcgrad", "gram", "pcgrad_weights", "decision_margin"]
 
 
 def modular_pcgrad(
@@ -50,7 +47,9 @@ def modular_pcgrad(
     T, N = grads.shape
     bounds = [int(v) for v in (offsets.tolist() if isinstance(offsets, torch.Tensor) else offsets)]
     M = len(bounds) - 1
-    table = _order_table(order, M, T, generator).tolist()
+    if isinstance(order, torch.Tensor):
+        order = order.cpu()
+    table = order_table(order, M, T, torch.device("cpu"), generator).tolist()
     out = torch.zeros(N, dtype=acc, device=grads.device)
     for m in range(M):
         a, b = bounds[m], bounds[m + 1]
@@ -80,46 +79,3 @@ def gram(grads: torch.Tensor, offsets, dtype: torch.dtype = torch.float64) -> to
         v = grads[:, bounds[m] : bounds[m + 1]].to(dtype)
         out[m] = v @ v.T
     return out
-
-
-def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """[M, T] PCGrad weights from Gram matrices, the loop of DESIGN.md section 1 in gram's dtype."""
-    M, T, _ = gram.shape
-    g = gram.cpu()
-    table = order.cpu().tolist()
-    weights = torch.zeros(M, T, dtype=gram.dtype)
-    for m in range(M):
-        for i in range(T):
-            c = torch.zeros(T, dtype=gram.dtype)
-            c[i] = 1.0
-            for j in table[m][i]:
-                d = float(c @ g[m, :, j])
-                if d < 0 and float(g[m, j, j]) > eps:
-                    c[j] -= d / g[m, j, j]
-            weights[m] += c
-    return weights.to(gram.device)
-
-
-def decision_margin(gram: torch.Tensor, order: torch.Tensor, eps: float = 0.0) -> float:
-    """Smallest |g_i' . g_j| / (|g_i| |g_j|) over all conflict tests of the solve (float64).
-
-    Tests use it to skip inputs whose PCGrad branch decisions sit on a knife edge, where float32 and
-    float64 may legitimately disagree.
-    """
-    M, T, _ = gram.shape
-    g = gram.double().cpu()
-    table = order.cpu().tolist()
-    margin = float("inf")
-    for m in range(M):
-        for i in range(T):
-            c = torch.zeros(T, dtype=torch.float64)
-            c[i] = 1.0
-            for j in table[m][i]:
-                d = float(c @ g[m, :, j])
-                gjj = float(g[m, j, j])
-                norm_i = max(float(g[m, i, i]), 0.0) ** 0.5
-                if gjj > eps and norm_i > 0:
-                    margin = min(margin, abs(d) / (norm_i * gjj**0.5))
-                if d < 0 and gjj > eps:
-                    c[j] -= d / gjj
-    return margin

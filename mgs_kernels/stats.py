@@ -26,7 +26,15 @@ class SurgeryStats:
         weights: float32 [M, T] combination weights applied (1 for excluded modules).
         order: int64 [M, T, T-1] visit order used (None if unknown).
         module_names: [M] names; module_kinds: [M] types ("attn", "mlp", "norm", ...);
-        module_layers: [M] block index or None; excluded: bool [M] on gram's device.
+        module_layers: [M] block index or None.
+        excluded: bool [M] on gram's device, modules excluded from surgery by the user (``exclude=``).
+        plain_sum: bool [M], modules that got the plain sum this step (excluded, or outside ``top_k``).
+        method: the weighting method's name ("pcgrad", "upgrad", ...).
+        method_info: per-module diagnostics of the method (e.g. ``converged`` bool [M] of iterative
+            solvers); empty for PCGrad.
+
+    Projection statistics (``coefficients``, ``projected_norms``, ``change_sq``, ``task_change``) are
+    defined for PCGrad only; every other property holds for every method.
     """
 
     def __init__(
@@ -37,9 +45,12 @@ class SurgeryStats:
         module_kinds: Optional[List[str]] = None,
         excluded: Optional[torch.Tensor] = None,
         *,
+        plain_sum: Optional[torch.Tensor] = None,
         order: Optional[torch.Tensor] = None,
         eps: float = 0.0,
         module_layers: Optional[List[Optional[int]]] = None,
+        method: str = "pcgrad",
+        method_info: Optional[Dict[str, torch.Tensor]] = None,
     ):
         M = gram.shape[0]
         self.gram = gram
@@ -50,6 +61,9 @@ class SurgeryStats:
         self.module_kinds = list(module_kinds) if module_kinds is not None else ["other"] * M
         self.module_layers = list(module_layers) if module_layers is not None else [None] * M
         self.excluded = excluded if excluded is not None else torch.zeros(M, dtype=torch.bool, device=gram.device)
+        self.plain_sum = plain_sum if plain_sum is not None else self.excluded
+        self.method = method
+        self.method_info = dict(method_info or {})
         # Set by ModularGradientSurgery.step(max_grad_norm=...): 0-dim min(1, max_norm / (norm + 1e-6)).
         self.clip_coef: Optional[torch.Tensor] = None
 
@@ -92,18 +106,21 @@ class SurgeryStats:
 
     @cached_property
     def coefficients(self) -> torch.Tensor:
-        """float32 [M, T, T]: row i is c_i with g_i' = sum_k c_ik g_k (identity for excluded modules).
+        """float32 [M, T, T]: row i is c_i with g_i' = sum_k c_ik g_k (identity for plain-sum modules).
 
         Re-derived from ``gram`` and ``order`` by the batched Gram-space solve (M*T^2 work).
         """
-        from .backends.torch_backend import pcgrad_coefficients
         from .order import fixed_order
+        from .weighting.pcgrad import pcgrad_coefficients
 
+        if self.method != "pcgrad":
+            raise AttributeError(f"coefficients (and projected_norms, task_change) describe PCGrad's projections; "
+                                 f"this step used method {self.method!r}")
         M, T = self.num_modules, self.num_tasks
         order = self.order if self.order is not None else fixed_order(M, T, device=self.gram.device)
-        coef = pcgrad_coefficients(self.gram, order, self.eps)
+        coef = pcgrad_coefficients(self.gram.float(), order, self.eps)
         eye = torch.eye(T, device=coef.device).expand_as(coef)
-        return torch.where(self.excluded[:, None, None], eye, coef)
+        return torch.where(self.plain_sum[:, None, None], eye, coef)
 
     @cached_property
     def projected_norms(self) -> torch.Tensor:
@@ -129,6 +146,14 @@ class SurgeryStats:
         return torch.einsum("mi,mij,mj->m", w, self.gram, w).clamp_min(0).sqrt()
 
     @cached_property
+    def result_cosine(self) -> torch.Tensor:
+        """float32 [M, T]: cosine between each module's combined gradient and each task's gradient there
+        (0 where either is zero)."""
+        w = self.weights.to(self.gram.dtype)
+        inner = torch.einsum("mi,mij->mj", w, self.gram)  # result . g_j
+        return _safe_div(inner, self.result_norm.unsqueeze(1) * self.norms)
+
+    @cached_property
     def grad_norm(self) -> torch.Tensor:
         """0-dim: global norm of the combined gradient (what clip_grad_norm_ would measure)."""
         return self.result_norm.square().sum().sqrt()
@@ -151,7 +176,8 @@ class SurgeryStats:
 
         Global: ``mgs/grad_norm``, ``mgs/conflict_pair_fraction`` (over modules x task pairs),
         ``mgs/conflict_module_fraction``, ``mgs/cos/{i}-{j}`` (whole-model cosine),
-        ``mgs/task{i}/grad_norm``, ``mgs/task{i}/change`` (|g_i' - g_i| / |g_i| over the model),
+        ``mgs/task{i}/grad_norm``, ``mgs/task{i}/result_cos`` (whole-model cosine between the combined
+        gradient and task i), ``mgs/task{i}/change`` (PCGrad: |g_i' - g_i| / |g_i| over the model),
         ``mgs/norm_ratio_max`` (largest |g_i| / |g_j| of any module). Per module type k:
         ``mgs/{k}/conflict_fraction``, ``mgs/{k}/cosine_mean``, ``mgs/{k}/norm_ratio_max``.
         """
@@ -182,10 +208,20 @@ class SurgeryStats:
             values["mgs/conflict_pair_fraction"] = zero
             values["mgs/conflict_module_fraction"] = zero
         total_sq = torch.diagonal(self.global_gram).clamp_min(0)
-        change = _safe_div(self.change_sq.sum(0).sqrt(), total_sq.sqrt()) if M else torch.zeros(T, device=device)
+        # Whole-model cosine between the combined gradient and each task: sum_m (w_m^T G_m)_t over norms.
+        inner = torch.einsum("mi,mij->j", self.weights.to(self.gram.dtype), self.gram) if M else torch.zeros(T, device=device)
+        result_cos = _safe_div(inner, self.grad_norm * total_sq.sqrt())
+        projection = self.method == "pcgrad"
+        if projection:
+            change = _safe_div(self.change_sq.sum(0).sqrt(), total_sq.sqrt()) if M else torch.zeros(T, device=device)
         for t in range(T):
             values[f"mgs/task{t}/grad_norm"] = total_sq[t].sqrt()
-            values[f"mgs/task{t}/change"] = change[t]
+            values[f"mgs/task{t}/result_cos"] = result_cos[t]
+            if projection:
+                values[f"mgs/task{t}/change"] = change[t]
+        for key, value in self.method_info.items():
+            if value.dtype == torch.bool:  # e.g. converged: the fraction of modules
+                values[f"mgs/{self.method}/{key}_fraction"] = value.float().mean()
         keys = list(values)
         floats = torch.stack([values[k].float().reshape(()) for k in keys]).tolist()
         return dict(zip(keys, floats))

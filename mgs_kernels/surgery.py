@@ -1,25 +1,39 @@
-"""Model-level API: capture true per-task gradients into one flat [T, N] buffer, then resolve them
-with modular PCGrad straight into ``param.grad``."""
+"""Model-level API: capture true per-task gradients into one flat [T, N] buffer, then combine them per
+module (modular PCGrad by default, or any Gram-space method) straight into ``param.grad``.
+
+``ModularGradientSurgery`` composes the units of the pipeline:
+
+    Partition (partition.py)        which parameters form a module, where each lives in the flat axis
+    TaskCapture (capture.py)        the [T, N] task buffer and the hooks that fill it, window by window
+    DistContext (distributed.py)    FSDP2 / DDP: the Gram all-reduce and the alignment check
+    Backend (backends/)             segmented Gram and combine kernels, routed by device and task count
+    Weighting (weighting/)          Gram -> per-module weights (PCGrad, ...)
+    ResultGrads (capture.py)        the [N] result buffer behind every p.grad
+    FusedStep (_fused_step.py)      the one-pass combine + optimizer update of ``step()``
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from . import _fused_step, backends
+from . import backends
 from ._errors import MGSInputError
-from ._validate import check_eps
-from .distributed import DistContext, is_dtensor, unwrap_ddp
-from .order import check_order, fixed_order, random_order
-from .partition import ExcludeSpec, PartitionSpec, build_partition, local_tensor
+from ._fused_step import FusedStep
+from ._validate import STORAGE_DTYPES, check_eps
+from .capture import ResultGrads, TaskCapture
+from .distributed import DistContext, unwrap_ddp
+from .order import check_order, fixed_order, parse_order
+from .partition import ExcludeSpec, PartitionSpec, build_partition
 from .stats import SurgeryStats
+from .weighting import PCGrad, Weighting, get_weighting
 
 
 class ModularGradientSurgery:
-    """Per-module PCGrad for a model trained on ``num_tasks`` tasks.
+    """Per-module gradient surgery (modular PCGrad by default) for a model trained on ``num_tasks`` tasks.
 
     Two ways to use it::
 
@@ -50,6 +64,14 @@ class ModularGradientSurgery:
         check_alignment: verify at ``resolve()`` that every rank ran the same task windows (one
             32-byte all-reduce). Default: on for FSDP2 models, off for DDP (no communication beyond
             DDP's own), irrelevant in a single process.
+        method: how each module's task gradients are combined: "pcgrad" (default; ``order``, ``eps`` and
+            ``seed`` configure it) or any name of ``mgs_kernels.weighting.methods()`` ("upgrad", "mgda",
+            "cagrad", "nash_mtl", ...), or a ``Weighting`` instance. See docs/methods.md.
+        method_options: keyword options of ``method`` (e.g. ``{"c": 0.4}`` for cagrad).
+
+    State across steps (the order generator, the step count, a stateful method's per-module state) is
+    saved by ``state_dict()`` and restored by ``load_state_dict()``: a resumed run is bitwise identical
+    to an uninterrupted one.
 
     Multi-GPU: pass an FSDP2 model (``fully_shard``; parameters are DTensors) or a
     ``DistributedDataParallel`` model as it is. See ``mgs_kernels.distributed``.
@@ -68,104 +90,47 @@ class ModularGradientSurgery:
         eps: float = 0.0,
         top_k: Optional[int] = None,
         check_alignment: Optional[bool] = None,
+        method: Any = "pcgrad",
+        method_options: Optional[Dict[str, Any]] = None,
     ):
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
             raise MGSInputError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
-        self.model = model
-        self.num_tasks = num_tasks
-        inner, ddp_group = unwrap_ddp(model)
-        self.partition = build_partition(inner, partition, exclude)
-        self.eps = check_eps(eps)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
             raise MGSInputError(f"top_k must be None or an int >= 0, got {top_k!r}")
+        eps = check_eps(eps)
+        order = parse_order(order)
+        self.model = model
+        self.num_tasks = num_tasks
         self.top_k = top_k
+        inner, ddp_group = unwrap_ddp(model)
+        self.partition = build_partition(inner, partition, exclude)
         slots = self.partition.slots
         self.dist = DistContext.detect(inner, ddp_group, [(s.name, s.param) for s in slots], check_alignment)
-        devices = {s.param.device for s in slots}
-        if len(devices) != 1:
-            raise MGSInputError(f"all trainable parameters must be on one device, found {sorted(map(str, devices))}")
-        self.device = devices.pop()
-        param_dtypes = {s.param.dtype for s in slots}
-        if dtype is None:
-            dtype = param_dtypes.pop() if len(param_dtypes) == 1 else torch.float32
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise MGSInputError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        self.dtype = dtype
+        self.device = _one_device(slots)
+        self.dtype = _buffer_dtype(slots, dtype)
+        M, T, N = self.partition.num_modules, num_tasks, self.partition.numel
+        self.backend = backends.get_backend(backend, self.device, T, self.dtype)
+        self.weighting = _make_weighting(method, method_options, order, eps, M, T, self.device)
+        self._method_state = self.weighting.init_state(M, T, self.device) if self.weighting.stateful else None
+        # Random draws (PCGrad's order, random weights) come from the CPU from the seed: the same on every
+        # device and rank.
+        self._generator = torch.Generator().manual_seed(seed)
+        self.steps = 0  # resolve() / step() calls so far
         # Zero-copy capture points p.grad at a view of the buffer, which needs p's dtype and a plain
         # tensor; otherwise (other dtype, FSDP2's DTensor grads) gradients are added into the task row
         # when the capture window closes.
-        self._zero_copy = self.dist.kind != "fsdp" and all(s.param.dtype == dtype for s in slots)
-        M, T, N = self.partition.num_modules, num_tasks, self.partition.numel
-        self.backend = backend
-        self._backend = backends.get_backend(backend, self.device)
-        # The table used every step (explicit or "fixed"), or None: draw a fresh one per step ("random").
-        if isinstance(order, torch.Tensor):
-            check_order(order, M, T, order.device)
-            order = order.to(self.device)
-            self._static_order: Optional[torch.Tensor] = order
-        elif order == "fixed":
-            self._static_order = fixed_order(M, T, device=self.device)
-        elif order == "random":
-            self._static_order = None
-        else:
-            raise MGSInputError(f"order must be 'random', 'fixed' or an int64 tensor [M, T, T-1], got {order!r}")
-        self.order = order
-        self._generator = torch.Generator().manual_seed(seed)
-
-        self.buffer = torch.zeros(T, N, dtype=dtype, device=self.device)
-        self._out: Optional[torch.Tensor] = None
-        self._out_views: Optional[List[torch.Tensor]] = None
+        zero_copy = self.dist.kind != "fsdp" and all(s.param.dtype == self.dtype for s in slots)
+        self.task_grads = TaskCapture(slots, T, N, self.dtype, self.device, zero_copy)
+        self.result = ResultGrads(slots, N, self.dtype, self.device)
+        self._fused = FusedStep(slots, self.device)
         self._excluded = torch.tensor(self.partition.excluded, dtype=torch.bool, device=self.device)
-        self._row_views: List[List[torch.Tensor]] = [
-            [self.buffer[t, s.start : s.end].view(s.shape) for s in slots] for t in range(T)
-        ]
-        self._touched = [False] * len(slots)
-        self._windows: List[int] = []  # task of every capture window this step (alignment check)
         # What every rank must agree on (checked once under torch.distributed); global shapes, so equal
         # on every rank whatever its shards.
         self._table_signature = repr((T, self.partition.names, self.partition.excluded,
                                       [(s.name, tuple(s.param.shape)) for s in slots]))
-        self._task: Optional[int] = None
-        self._stale = False  # set by resolve(): the next capture starts a new step
-        self._hooks = []
-        if self._zero_copy:
-            for i, s in enumerate(slots):
-                self._hooks.append(s.param.register_hook(self._make_pre_hook(i)))
-                self._hooks.append(s.param.register_post_accumulate_grad_hook(self._make_post_hook(i)))
+        self._resolved = False  # set by resolve() / step(): the next capture starts a new step
 
     # ------------------------------------------------------------------ capture
-    # Zero-copy mode keeps one invariant inside a window: p.grad IS the task row's view. The pre-hook
-    # (before autograd accumulates) restores it if someone set p.grad to None or replaced it; the
-    # post-hook folds an out-of-place accumulation (create_graph=True) back into the view.
-    def _make_pre_hook(self, index: int):
-        def pre_hook(grad: torch.Tensor) -> None:
-            task = self._task
-            if task is None:
-                return None
-            param = self.partition.slots[index].param
-            view = self._row_views[task][index]
-            current = param.grad
-            if current is not view:
-                if current is not None:
-                    view.add_(current.detach())
-                param.grad = view
-            return None
-
-        return pre_hook
-
-    def _make_post_hook(self, index: int):
-        def post_hook(param: torch.Tensor) -> None:
-            task = self._task
-            if task is None:
-                return  # a backward outside any capture window is none of our business
-            self._touched[index] = True
-            view = self._row_views[task][index]
-            if param.grad is not view:
-                view.copy_(param.grad.detach())
-                param.grad = view
-
-        return post_hook
-
     def _check_task(self, task) -> int:
         if isinstance(task, bool) or not isinstance(task, int):
             raise MGSInputError(f"task id must be an int in [0, {self.num_tasks}), got {task!r}")
@@ -181,65 +146,40 @@ class ModularGradientSurgery:
         after a ``resolve()`` starts a new step with all task gradients at zero.
         """
         self._check_task(task)
-        if self._task is not None:
-            raise MGSInputError(f"capture({task}) inside capture({self._task}): windows cannot nest")
-        if self._stale:
-            self._reset()
-        self._task = task
-        self._windows.append(task)
-        slots = self.partition.slots
-        views = self._row_views[task]
-        for s, view in zip(slots, views):
-            s.param.grad = view if self._zero_copy else None
-        try:
+        if self.task_grads.task is not None:
+            raise MGSInputError(f"capture({task}) inside capture({self.task_grads.task}): windows cannot nest")
+        if self._resolved:
+            self.task_grads.reset()
+            self._resolved = False
+        with self.task_grads.window(task):
             yield
-        finally:
-            self._task = None
-            if not self._zero_copy:
-                for i, (s, view) in enumerate(zip(slots, views)):
-                    grad = s.param.grad
-                    if grad is not None:
-                        view.add_(local_tensor(grad.detach()).reshape(view.shape))
-                        self._touched[i] = True
-            for s in slots:
-                s.param.grad = None
-
-    def _reset(self) -> None:
-        self.buffer.zero_()
-        self._touched = [False] * len(self._touched)
-        self._windows = []
-        self._stale = False
 
     def zero_grad(self) -> None:
         """Forget every captured gradient and set ``p.grad = None`` for the partition's parameters."""
-        if self._task is not None:
+        if self.task_grads.task is not None:
             raise MGSInputError("zero_grad() inside a capture window")
-        self._reset()
-        for s in self.partition.slots:
-            s.param.grad = None
+        self.task_grads.reset()
+        self._resolved = False
+        self.result.clear_grads()
 
     # ------------------------------------------------------------------ resolve
-    def _order_table(self) -> torch.Tensor:
-        if self._static_order is not None:
-            return self._static_order
-        table = random_order(self.partition.num_modules, self.num_tasks, generator=self._generator)
-        if self.device.type == "cuda":
-            table = table.pin_memory()
-        return table.to(self.device, non_blocking=True)
-
     def _solve(self) -> SurgeryStats:
-        """Stages 1-2: (all-reduced) Gram matrices and PCGrad weights, as a stats object."""
-        if self._task is not None:
+        """Gram matrices (all-reduced across shards) and weights, as a stats object."""
+        if self.task_grads.task is not None:
             raise MGSInputError("resolve() / step() inside a capture window")
-        self.dist.verify(self._windows, self._table_signature, self.device)
-        gram = self.dist.reduce_gram(self._backend.segmented_gram(self.buffer, self.partition.plan))
-        order = self._order_table()
-        weights = self._backend.pcgrad_weights(gram, order, self.eps)
+        self.dist.verify(self.task_grads.windows, self._table_signature, self.device)
+        gram = self.dist.reduce_gram(self.backend.segmented_gram(self.task_grads.buffer, self.partition.plan))
+        info: Dict[str, torch.Tensor] = {}
+        weights = self.weighting(gram, state=self._method_state, generator=self._generator, info=info,
+                                 backend=self.backend)
+        self.steps += 1
         plain = self._plain_sum_mask(gram)
         weights = torch.where(plain.unsqueeze(1), torch.ones_like(weights), weights)
         part = self.partition
-        return SurgeryStats(gram, weights, part.names, part.kinds, plain, order=order, eps=self.eps,
-                            module_layers=part.layers)
+        order = info.pop("order", None)
+        return SurgeryStats(gram, weights, part.names, part.kinds, self._excluded, plain_sum=plain,
+                            order=order, eps=getattr(self.weighting, "eps", 0.0), module_layers=part.layers,
+                            method=self.weighting.name, method_info=info)
 
     def _plain_sum_mask(self, gram: torch.Tensor) -> torch.Tensor:
         """bool [M]: modules that get the plain sum (excluded, or outside this step's top_k)."""
@@ -253,36 +193,10 @@ class ModularGradientSurgery:
         return mask
 
     def _write_grads(self, weights: torch.Tensor) -> None:
-        """Stage 3: combine into the result buffer and point every touched ``p.grad`` at it."""
-        self._backend.segmented_combine(self.buffer, self.partition.plan, weights, self._result_buffer())
-        self._point_grads_at_out()
-
-    def _result_buffer(self) -> torch.Tensor:
-        """The [N] buffer the combined gradient lands in (allocated once; p.grad are views of it)."""
-        if self._out is None:
-            self._out = torch.empty(self.partition.numel, dtype=self.dtype, device=self.device)
-        return self._out
-
-    def _point_grads_at_out(self) -> None:
-        if self._out_views is None:
-            # The result buffer is persistent, so its per-parameter views (DTensor-wrapped for FSDP2)
-            # are built once; only parameters of another dtype than the buffer need a fresh cast.
-            views = []
-            for s in self.partition.slots:
-                view = self._out[s.start : s.end].view(s.shape)
-                if view.dtype == s.param.dtype and is_dtensor(s.param):
-                    view = _like_dtensor(view, s.param)
-                views.append(view)
-            self._out_views = views
-        for s, touched, view in zip(self.partition.slots, self._touched, self._out_views):
-            if not touched:
-                s.param.grad = None
-            elif view.dtype == s.param.dtype:
-                s.param.grad = view
-            else:
-                cast = view.to(s.param.dtype)
-                s.param.grad = _like_dtensor(cast, s.param) if is_dtensor(s.param) else cast
-        self._stale = True
+        """Combine into the result buffer and point every touched ``p.grad`` at it."""
+        self.backend.segmented_combine(self.task_grads.buffer, self.partition.plan, weights, self.result.buffer)
+        self.result.point_grads(self.task_grads.touched)
+        self._resolved = True
 
     def resolve(self) -> SurgeryStats:
         """Combine the captured task gradients with modular PCGrad into ``p.grad``.
@@ -354,8 +268,14 @@ class ModularGradientSurgery:
                 )
             stats.clip_coef = torch.clamp(float(max_grad_norm) / (total + 1e-6), max=1.0)
             weights = weights * stats.clip_coef
-        if _fused_step.try_step(self, optimizer, weights, keep_grads):
-            self._stale = True
+        kernel = self.backend.fused_step
+        grad_out = self.result.buffer if keep_grads else None
+        if kernel is not None and self._fused.run(kernel, optimizer, self.task_grads.buffer, weights,
+                                                  self.task_grads.touched, grad_out):
+            self.result.clear_grads()
+            if keep_grads:
+                self.result.point_grads(self.task_grads.touched)
+            self._resolved = True
             return stats
         self._write_grads(weights)
         optimizer.step()
@@ -388,35 +308,97 @@ class ModularGradientSurgery:
                 loss.backward(retain_graph=t < len(losses) - 1)
         return self.resolve()
 
+    # ------------------------------------------------------------------ state across steps
+    def state_dict(self) -> Dict[str, Any]:
+        """What a resumed run needs to continue bitwise identically: the random generator, the step count
+        and the method's per-module state (CPU tensors)."""
+        state = {k: v.detach().cpu().clone() for k, v in (self._method_state or {}).items()}
+        return {"method": self.weighting.name, "num_modules": self.partition.num_modules,
+                "num_tasks": self.num_tasks, "steps": self.steps, "generator": self._generator.get_state(),
+                "method_state": state}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore ``state_dict()``; raises MGSInputError (changing nothing) if it belongs to another setup."""
+        want = {"method": self.weighting.name, "num_modules": self.partition.num_modules,
+                "num_tasks": self.num_tasks}
+        for key, value in want.items():
+            if state_dict.get(key) != value:
+                raise MGSInputError(f"state_dict has {key}={state_dict.get(key)!r} but this surgery has {value!r}")
+        saved = state_dict.get("method_state", {})
+        mine = self._method_state or {}
+        if saved.keys() != mine.keys() or any(saved[k].shape != mine[k].shape for k in mine):
+            raise MGSInputError(f"state_dict's method state {sorted(saved)} does not fit method {self.weighting.name!r}")
+        self._generator.set_state(state_dict["generator"])
+        self.steps = int(state_dict["steps"])
+        for k, v in mine.items():
+            v.copy_(saved[k])
+
     def remove(self) -> None:
         """Detach the gradient hooks from the model's parameters."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self.task_grads.remove_hooks()
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The [T, N] task-gradient buffer (row t: task t's gradient in the partition's layout)."""
+        return self.task_grads.buffer
 
     @property
     def backend_name(self) -> str:
         """The backend this surgery runs on ("torch", "cpu", "cuda" or "triton"; "auto" resolved)."""
-        return getattr(self._backend, "__name__", "").rsplit(".", 1)[-1].replace("_backend", "")
+        return self.backend.name
 
     @property
     def capturing(self) -> Optional[int]:
         """The task whose capture window is open, or None outside any window."""
-        return self._task
+        return self.task_grads.task
 
     @property
     def resolved(self) -> bool:
         """True between a ``resolve()`` / ``step()`` and the next capture (``p.grad`` holds the result)."""
-        return self._stale
+        return self._resolved
 
     @property
     def module_names(self) -> List[str]:
         return self.partition.names
 
 
-def _like_dtensor(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """Wrap a local shard as a DTensor with ``param``'s mesh, placements and global shape."""
-    from torch.distributed.tensor import DTensor
+def _one_device(slots) -> torch.device:
+    devices = {s.param.device for s in slots}
+    if len(devices) != 1:
+        raise MGSInputError(f"all trainable parameters must be on one device, found {sorted(map(str, devices))}")
+    return devices.pop()
 
-    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
-                              shape=param.shape, stride=param.stride())
+
+def _buffer_dtype(slots, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The task buffer's dtype: as given, else the parameters' common dtype, else float32."""
+    if dtype is None:
+        param_dtypes = {s.param.dtype for s in slots}
+        dtype = param_dtypes.pop() if len(param_dtypes) == 1 else torch.float32
+    if dtype not in STORAGE_DTYPES:
+        raise MGSInputError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
+def _make_weighting(method: Any, options: Optional[Dict[str, Any]], order, eps: float, num_modules: int,
+                    num_tasks: int, device: torch.device) -> Weighting:
+    """The configured weighting: PCGrad from ``order`` / ``eps``, or ``method`` with ``options``."""
+    if isinstance(method, Weighting) or method != "pcgrad":
+        if not (isinstance(order, str) and order == "random") or eps != 0.0:
+            raise MGSInputError(f"order= and eps= configure method='pcgrad'; pass the options of method {method!r} "
+                                "in method_options")
+        return get_weighting(method, options)
+    if options:
+        raise MGSInputError(f"method 'pcgrad' takes its options as arguments (order=, eps=, seed=), got "
+                            f"method_options={options!r}")
+    return PCGrad(order=_static_order(order, num_modules, num_tasks, device), eps=eps)
+
+
+def _static_order(order, num_modules: int, num_tasks: int, device: torch.device):
+    """The order spec the weighting uses every step: "random" as is; "fixed" or an explicit table as a
+    table on ``device``, checked and built once."""
+    if isinstance(order, torch.Tensor):
+        check_order(order, num_modules, num_tasks, order.device)
+        return order.to(device)
+    if order == "fixed":
+        return fixed_order(num_modules, num_tasks, device=device)
+    return order

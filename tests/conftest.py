@@ -1,4 +1,10 @@
-"""Shared test helpers: random layouts of odd sizes and comparison against the float64 reference."""
+"""Shared test helpers: the backend matrix, random layouts of odd sizes, and comparison against the
+float64 reference.
+
+The device and Triton's mode are decided here, once, before anything imports the kernels: without a
+CUDA device the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, read by triton.jit
+when the kernel modules are imported), so the "triton" backend is part of every CPU backend matrix.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,26 @@ import os
 import random
 from typing import List
 
-import pytest
 import torch
 
-from mgs_kernels import reference
-
 HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from mgs_kernels import _settings, backends, reference  # noqa: E402
+
+# Where the kernel-level tests run, and every backend that runs there: tests parametrize over this.
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+BACKENDS = backends.usable_backends(DEVICE)
+
+
+def pytest_report_header(config):
+    status = backends.backend_status(DEVICE)
+    lines = [f"mgs_kernels backend matrix on {DEVICE}: {BACKENDS}"]
+    lines += [f"  {name}: {why}" for name, why in status.items() if why]
+    return lines
 
 
 def pytest_collection_modifyitems(config, items):
@@ -62,7 +82,9 @@ def storage_rtol(dtype: torch.dtype) -> float:
 
 @pytest.fixture
 def rng(request):
-    seed = int(os.environ.get("MGS_TEST_SEED", random.randrange(1 << 30)))
+    seed = _settings.get("MGS_TEST_SEED")
+    if seed is None:
+        seed = random.randrange(1 << 30)
     # Print the seed on failure so a fresh-random failure can be replayed with MGS_TEST_SEED.
     request.node.user_properties.append(("seed", seed))
     print(f"MGS_TEST_SEED={seed}")
@@ -95,3 +117,20 @@ def property_case(T, sizes, seed, scale, dtype, eps, margin=1e-4):
     if not ((diag - eps).abs() > 1e-3 * diag.clamp_min(1e-30)).all():
         return None
     return grads, offsets, order, reference_result(grads, offsets, order, eps)
+
+
+def surgery_weights(surgery) -> torch.Tensor:
+    """float32 [M, T] weights of ``surgery``'s captured rows, through the public pipeline stages."""
+    import mgs_kernels as mgs
+
+    gram = mgs.segmented_gram(surgery.buffer, surgery.partition.offsets, backend=surgery.backend_name)
+    return surgery.weighting(gram, backend=surgery.backend)
+
+
+def fused_step_args(surgery, optimizer, weights, keep_grads):
+    """The FusedStepArgs ``surgery.step()`` would hand its backend's kernel for ``weights``."""
+    from mgs_kernels._fused_step import FusedStep
+
+    fused = FusedStep(surgery.partition.slots, surgery.device)
+    grad_out = surgery.result.buffer if keep_grads else None
+    return fused.prepare(optimizer, surgery.buffer, weights, surgery.task_grads.touched, grad_out)

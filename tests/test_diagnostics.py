@@ -7,7 +7,7 @@ import torch
 
 import mgs_kernels as mgs
 from mgs_kernels import MGSInputError
-from mgs_kernels.diagnostics import unbiased_sq_norm_from_gram
+from mgs_kernels.imbalance import unbiased_sq_norm_from_gram
 from models import lm_loss, task_batch, tiny_model
 
 from conftest import offsets_from_sizes, random_sizes

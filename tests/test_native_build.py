@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import mgs_kernels
-from mgs_kernels import _native, backends
+from mgs_kernels import _native, _settings, backends
 
-REQUIRED = {s.strip() for s in os.environ.get("MGS_REQUIRE_NATIVE", "").split(",") if s.strip()}
+REQUIRED = set(_settings.get("MGS_REQUIRE_NATIVE"))
 MODULES = {"cpu": "mgs_kernels._mgs_cpu", "cuda": "mgs_kernels._mgs_cuda"}
 # dynamic-library names and symbol fragments that would tie a module to one torch / CUDA runtime build
 FORBIDDEN_LIBS = ("libtorch", "libc10", "libcudart.so", "libtorch_python")

@@ -1,4 +1,4 @@
-"""The native CPU fused optimizer-step kernel (cpu_backend.fused_optimizer_kernel) against
+"""The native CPU fused optimizer-step kernel (CpuBackend.fused_step) against
 ``_fused_step.reference_kernel`` (kernel level) and against resolve() + clip + torch's optimizers (end to end).
 
 Skipped when the native CPU module is not built.
@@ -14,7 +14,8 @@ from torch import nn
 
 import mgs_kernels as mgs
 from mgs_kernels import _fused_step, _native
-from mgs_kernels.backends import cpu_backend
+from mgs_kernels.backends.cpu_backend import BACKEND as CPU_BACKEND, CpuBackend
+from conftest import fused_step_args
 
 pytest.importorskip("mgs_kernels._mgs_cpu", reason="native CPU module not built")
 
@@ -68,13 +69,13 @@ class Pair:
             touched = [i not in (UNTOUCHED, NOT_IN_OPT) for i in range(S)]
         for s in (self.s_a, self.s_b):
             s.buffer.copy_(rows)
-            s._touched = list(touched)
+            s.task_grads.mark_touched(touched)
         # random signed weights (PCGrad weights are >= 1 off-diagonal corrections, clip folded in: any sign)
         return torch.rand(self.s_a.partition.num_modules, T, generator=self.gen) * 2 - 0.5
 
     def prepare(self, weights, keep_grads):
-        args_a = _fused_step.prepare(self.s_a, self.opt_a, weights, keep_grads)
-        args_b = _fused_step.prepare(self.s_b, self.opt_b, weights, keep_grads)
+        args_a = fused_step_args(self.s_a, self.opt_a, weights, keep_grads)
+        args_b = fused_step_args(self.s_b, self.opt_b, weights, keep_grads)
         assert args_a is not None and args_b is not None
         if keep_grads:
             args_a.grad_out.fill_(float("nan"))
@@ -135,7 +136,7 @@ def test_kernel_matches_reference(opt_name, dtype, keep_grads):
         frozen_state = {(i, k): v.clone() for i in inactive for k, v in pair.opt_a.state.get(params[i], {}).items()
                         if isinstance(v, torch.Tensor)}
         assert step < 2 or opt_name == "sgd" or frozen_state, "slot 0 has optimizer state at step 2"
-        cpu_backend.fused_optimizer_kernel(args_a)
+        CPU_BACKEND.fused_step(args_a)
         _fused_step.reference_kernel(args_b)
         assert_match(pair, args_a, args_b, adam, inactive)
         for i, v in frozen.items():
@@ -151,7 +152,7 @@ def test_kernel_matches_reference(opt_name, dtype, keep_grads):
 def test_bitwise_reproducible_across_runs_and_threads(opt_name):
     pair = Pair(opt_name, torch.float32, seed=3)
     weights = pair.load()
-    cpu_backend.fused_optimizer_kernel(pair.prepare(weights, False)[0])  # states exist, SGD not FIRST
+    CPU_BACKEND.fused_step(pair.prepare(weights, False)[0])  # states exist, SGD not FIRST
     weights = pair.load()
     snap = pair.snapshot()
     results = []
@@ -165,7 +166,7 @@ def test_bitwise_reproducible_across_runs_and_threads(opt_name):
                 if "step" in st:
                     st["step"].fill_(1.0)
             args = pair.prepare(weights, True)[0]
-            cpu_backend.fused_optimizer_kernel(args)
+            CPU_BACKEND.fused_step(args)
             results.append([p.detach().clone() for p in pair.model_a.parameters()]
                            + [v.clone() for st in pair.opt_a.state.values() for v in st.values()]
                            + [args.grad_out.clone()])
@@ -180,7 +181,7 @@ def test_bitwise_reproducible_across_runs_and_threads(opt_name):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_task_value_propagates_like_torch(opt_name, bad):
     pair = Pair(opt_name, torch.float32, seed=5)
-    cpu_backend.fused_optimizer_kernel(pair.prepare(pair.load(), False)[0])  # a step with state, copied to B
+    CPU_BACKEND.fused_step(pair.prepare(pair.load(), False)[0])  # a step with state, copied to B
     pair.model_b.load_state_dict(pair.model_a.state_dict())
     pair.opt_b.load_state_dict(copy.deepcopy(pair.opt_a.state_dict()))  # deep: load_state_dict may alias
     rows = torch.randn(T, pair.s_a.buffer.shape[1], generator=pair.gen)
@@ -189,7 +190,7 @@ def test_nonfinite_task_value_propagates_like_torch(opt_name, bad):
     rows[1, pos] = bad
     weights = pair.load(rows=rows)
     args_a, args_b = pair.prepare(weights, True)
-    cpu_backend.fused_optimizer_kernel(args_a)
+    CPU_BACKEND.fused_step(args_a)
     _fused_step.reference_kernel(args_b)
     assert_match(pair, args_a, args_b, opt_name.startswith("adam"))
     p = list(pair.model_a.parameters())[1].view(-1)
@@ -204,16 +205,17 @@ def test_more_than_max_tasks_falls_back_to_reference(monkeypatch):
     nt = _native.MAX_TASKS + 1
     s_a = mgs.ModularGradientSurgery(model_a, num_tasks=nt, backend="cpu")
     s_b = mgs.ModularGradientSurgery(model_b, num_tasks=nt, backend="torch")
+    assert s_a.backend_name == "torch"  # dispatch routes T > MAX_TASKS away from the native backend
     opt_a, opt_b = torch.optim.AdamW(model_a.parameters(), lr=0.1), torch.optim.AdamW(model_b.parameters(), lr=0.1)
     rows = torch.randn(nt, s_a.buffer.shape[1])
     weights = torch.rand(s_a.partition.num_modules, nt)
     for s in (s_a, s_b):
         s.buffer.copy_(rows)
-        s._touched = [True] * len(s._touched)
+        s.task_grads.mark_touched()
     called = []
     monkeypatch.setattr(_native.cpu(), "fused_step", lambda *a: called.append(a), raising=False)
-    cpu_backend.fused_optimizer_kernel(_fused_step.prepare(s_a, opt_a, weights, False))
-    _fused_step.reference_kernel(_fused_step.prepare(s_b, opt_b, weights, False))
+    CPU_BACKEND.fused_step(fused_step_args(s_a, opt_a, weights, False))  # the kernel itself hands T > 64 on
+    _fused_step.reference_kernel(fused_step_args(s_b, opt_b, weights, False))
     assert not called
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(pa, pb)
@@ -250,13 +252,13 @@ def test_step_runs_native_fused_kernel(monkeypatch, opt_name, max_norm):
     from test_step import assert_states_equal, capture_all
 
     calls = []
-    original = cpu_backend.fused_optimizer_kernel
+    original = CpuBackend.fused_step
 
-    def counting(args):
+    def counting(self, args):
         calls.append(args.kind)
-        original(args)
+        original(self, args)
 
-    monkeypatch.setattr(cpu_backend, "fused_optimizer_kernel", counting)
+    monkeypatch.setattr(CpuBackend, "fused_step", counting)
     monkeypatch.setattr(_fused_step, "reference_kernel", lambda args: pytest.fail("reference kernel ran"))
     model_a = models.tiny_model("llama", seed=5)
     model_b = copy.deepcopy(model_a)

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import mgs_kernels as mgs
-from mgs_kernels import backends, reference
+from mgs_kernels import reference
 
-from conftest import (assert_close_to_reference, offsets_from_sizes, property_case, random_sizes,
+from conftest import (BACKENDS, DEVICE, assert_close_to_reference, offsets_from_sizes, property_case, random_sizes,
                       reference_result, storage_rtol)
-
-DEVICE = torch.device("cpu")
-BACKENDS = backends.usable_backends(DEVICE)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Smallest |g_i' . g_j| / (|g_i| |g_j|) a test accepts: well above float32 rounding of that ratio.
 MARGIN = 1e-4
+
+
+def test_backend_matrix_holds_every_backend_that_can_run_here():
+    # Triton runs everywhere it is installed (its CPU interpreter without a GPU), so a matrix without
+    # it means the interpreter mode was decided too late (after the kernels were imported).
+    if importlib.util.find_spec("triton") is not None:
+        assert "triton" in BACKENDS
+    assert {"torch", "cpu" if DEVICE.type == "cpu" else "cuda"} <= set(BACKENDS)
 
 
 def make_grads(T, sizes, dtype, rng_torch=None):

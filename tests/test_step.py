@@ -8,31 +8,37 @@ import copy
 import pytest
 import torch
 
-import types
-
 import mgs_kernels as mgs
-from mgs_kernels import _fused_step, backends
+from mgs_kernels import _fused_step
+from mgs_kernels.backends.torch_backend import TorchBackend
+from conftest import BACKENDS
 from models import lm_loss, task_batch, tiny_model
 
 # "reference-fused": the torch backend plus the plain-torch fused-step kernel, which checks the shared
 # host side (eligibility, torch-format state, slot tables) independently of any native kernel.
-BACKENDS = backends.usable_backends(torch.device("cpu")) + ["reference-fused"]
+BACKENDS = BACKENDS + ["reference-fused"]
 FUSED_OPTIMIZERS = {"sgd", "sgd_momentum_nesterov_wd", "sgd_dampening_maximize", "adamw", "adam_amsgrad_wd"}
+
+
+class ReferenceFusedBackend(TorchBackend):
+    """The torch backend plus the plain-torch fused-step kernel, counting its calls."""
+
+    name = "reference-fused"
+
+    def __init__(self):
+        self.calls = []
+
+    def fused_step(self, args):
+        self.calls.append(args.kind)
+        _fused_step.reference_kernel(args)
 
 
 def make_surgery(model, backend, **kw):
     if backend != "reference-fused":
         return mgs.ModularGradientSurgery(model, backend=backend, **kw), None
     s = mgs.ModularGradientSurgery(model, backend="torch", **kw)
-    calls = []
-
-    def kernel(args):
-        calls.append(args.kind)
-        _fused_step.reference_kernel(args)
-
-    s._backend = types.SimpleNamespace(**{k: getattr(s._backend, k) for k in (
-        "segmented_gram", "pcgrad_weights", "segmented_combine")}, fused_optimizer_kernel=kernel)
-    return s, calls
+    s.backend = ReferenceFusedBackend()
+    return s, s.backend.calls
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05),

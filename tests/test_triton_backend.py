@@ -1,20 +1,15 @@
 """Triton backend against the float64 reference.
 
-Without a GPU the kernels run on the CPU in Triton's interpreter (TRITON_INTERPRET=1, set below before
-any kernel module is imported; the backend reads it at call time): small shapes only, the interpreter
-executes every program in Python. With a GPU the same tests run compiled on cuda, plus the tests marked
+Without a GPU the kernels run on the CPU in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py
+before any kernel module is imported): small shapes only, the interpreter executes every program in
+Python. With a GPU the same tests run compiled on cuda, plus the tests marked
 ``gpu`` (large shapes, N > 2^31 indexing, CUDA-graph capture).
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 triton = pytest.importorskip("triton")
 
@@ -80,23 +75,7 @@ def assert_gram_close(gram, grads, offsets):
 def test_backend_is_available_here():
     assert "triton" in mgs.available_backends()
     assert triton_backend.supports(DEVICE)
-    assert mgs.backends.get_backend("triton", DEVICE) is triton_backend
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-mode switching is a CPU-only check")
-def test_kernels_follow_the_interpreter_setting(monkeypatch):
-    # Kernels decorated while TRITON_INTERPRET was off are rebuilt when it is switched on.
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from mgs_kernels.triton import _gram
-
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    kernels().kernels()
-    assert not isinstance(_gram._gram_partial_kernel, InterpretedFunction)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    grads = torch.randn(2, 50)
-    assert_gram_close(mgs.segmented_gram(grads, [0, 20, 50], backend="triton"), grads, torch.tensor([0, 20, 50]))
-    assert isinstance(_gram._gram_partial_kernel, InterpretedFunction)
+    assert mgs.backends.get_backend("triton", DEVICE) is triton_backend.BACKEND
 
 
 # ---------------------------------------------------------------------------------------- Gram

@@ -5,27 +5,21 @@ Two identical set-ups (model, optimizer, surgery) see the same captured task gra
 weights; one is updated by the Triton kernel, the other by the reference kernel, and after every
 comparison the reference's parameters and states are copied into the Triton side, so every step is
 compared from identical inputs. Without a GPU the kernel runs in Triton's interpreter
-(TRITON_INTERPRET=1, set below before any kernel module is imported).
+(TRITON_INTERPRET=1, set by conftest.py before any kernel module is imported). The end-to-end
+comparison with resolve() + clip + optimizer.step() is tests/test_step.py's, over every backend.
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 from torch import nn
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 triton = pytest.importorskip("triton")
 
 import mgs_kernels as mgs  # noqa: E402
 from mgs_kernels import _fused_step  # noqa: E402
-from mgs_kernels.backends import triton_backend  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from conftest import DEVICE, fused_step_args, surgery_weights  # noqa: E402
 NAN = float("nan")
 
 # The interpreter computes with numpy, which warns on inf - inf / 0 * inf in the propagation tests.
@@ -35,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 def kernels():
     from mgs_kernels import triton as k
 
-    return k.kernels()
+    return k
 
 
 # ---------------------------------------------------------------------------------------- set-ups
@@ -79,16 +73,14 @@ class Setup:
                 ((self.model(x) - y) ** 2).mean().backward()
 
     def args(self, weights, keep_grads):
-        args = _fused_step.prepare(self.surgery, self.opt, weights, keep_grads)
+        args = fused_step_args(self.surgery, self.opt, weights, keep_grads)
         assert args is not None
         if args.grad_out is not None:
             args.grad_out.fill_(NAN)  # the kernel must write every active element
         return args
 
     def finish(self):
-        for p in self.model.parameters():
-            p.grad = None
-        self.surgery._stale = True
+        self.surgery.zero_grad()
 
     def states(self):
         return [(n, p, self.opt.state.get(p, {})) for n, p in self.model.named_parameters()]
@@ -144,7 +136,7 @@ def run_pair(opt_fn, dtype=torch.float32, keep_grads=True, steps=3, num_tasks=3,
         a.capture(step)
         b.capture(step)
         assert torch.equal(a.surgery.buffer, b.surgery.buffer)
-        weights = a.surgery._solve().weights * clip  # a clip coefficient, as step() folds it in
+        weights = surgery_weights(a.surgery) * clip  # a clip coefficient, as step() folds it in
         if mutate is not None:
             mutate(a.surgery.buffer)
             mutate(b.surgery.buffer)
@@ -252,7 +244,7 @@ def test_later_momentum_buffer_after_state_dict_round_trip():
     for step in (1, 2):
         a.capture(step)
         b.capture(step)
-        w = a.surgery._solve().weights
+        w = surgery_weights(a.surgery)
         args_a, args_b = a.args(w, True), b.args(w, True)
         assert not bool(args_a.hyper[:, _fused_step.FIRST].any())
         kernels().fused_step(args_a)
@@ -286,7 +278,7 @@ def test_unaligned_parameter_pointer():
         for t in range(2):
             with s.capture(t):
                 (model(torch.ones(3, 5, device=DEVICE)) * (1 - 2 * t)).sum().backward()
-        args = _fused_step.prepare(s, opt, s._solve().weights, True)
+        args = fused_step_args(s, opt, surgery_weights(s), True)
         outs.append((model, opt, args))
     (ma, oa, aa), (mb, ob, ab) = outs
     assert ma.w.data_ptr() % 16 == 4
@@ -311,7 +303,7 @@ def test_bitwise_identical_reruns():
         for step in range(2):
             for s in (a, c):
                 s.capture(step)
-            w = a.surgery._solve().weights
+            w = surgery_weights(a.surgery)
             args_a, args_c = a.args(w, True), c.args(w, True)
             kernels().fused_step(args_a)
             kernels().fused_step(args_c)
@@ -341,84 +333,6 @@ def test_nan_and_inf_in_a_task_row_propagate(opt_fn):
     bad = torch.zeros_like(flat, dtype=torch.bool)
     bad[[3, 230, 231]] = True
     assert torch.isfinite(flat[~bad]).all()  # elementwise: nothing else is touched
-
-
-# ---------------------------------------------------------------------------------------- end to end
-
-
-def _import_step_helpers():
-    pytest.importorskip("transformers")
-    import test_step
-
-    return test_step
-
-
-@pytest.mark.parametrize(("opt_name", "max_norm"), [
-    ("sgd", None), ("sgd_momentum_nesterov_wd", 0.05), ("sgd_dampening_maximize", None), ("adamw", 0.05),
-    ("adam_amsgrad_wd", None), ("adam_amsgrad_wd", 0.05), ("rmsprop_fallback", 0.05),
-])  # fmt: skip
-def test_step_with_triton_backend_equals_resolve_clip_step(opt_name, max_norm, monkeypatch):
-    ts = _import_step_helpers()
-    from models import lm_loss, task_batch, tiny_model
-
-    calls = []
-    fused = triton_backend.fused_optimizer_kernel
-
-    def counting(args):
-        calls.append(args.kind)
-        fused(args)
-
-    monkeypatch.setattr(triton_backend, "fused_optimizer_kernel", counting)
-
-    def capture(s, model, step):
-        for t in range(3):
-            with s.capture(t):
-                lm_loss(model, task_batch(t, seed=step).to(DEVICE)).backward()
-
-    model_a = tiny_model("llama", seed=5).to(DEVICE)
-    model_b = tiny_model("llama", seed=5).to(DEVICE)
-    opt_a = ts.OPTIMIZERS[opt_name](model_a.parameters())
-    opt_b = ts.OPTIMIZERS[opt_name](model_b.parameters())
-    s_a = mgs.ModularGradientSurgery(model_a, num_tasks=3, partition="module", seed=2, backend="triton")
-    s_b = mgs.ModularGradientSurgery(model_b, num_tasks=3, partition="module", seed=2, backend="torch")
-    clipped = False
-    for step in range(3):
-        capture(s_a, model_a, step)
-        stats = s_a.step(opt_a, max_grad_norm=max_norm)
-        clipped |= max_norm is not None and bool(stats.clip_coef < 1)
-        assert all(p.grad is None for p in model_a.parameters())
-        capture(s_b, model_b, step)
-        s_b.resolve()
-        if max_norm is not None:
-            total = torch.nn.utils.clip_grad_norm_(model_b.parameters(), max_norm)
-            torch.testing.assert_close(stats.grad_norm, total, rtol=1e-5, atol=1e-8)
-        opt_b.step()
-        ts.assert_states_equal(opt_a, opt_b, model_a, model_b)
-    assert max_norm is None or clipped, "the clip threshold never bit"
-    fused_here = opt_name in ts.FUSED_OPTIMIZERS
-    assert len(calls) == (3 if fused_here else 0), "the fused path ran / fell back as expected"
-
-
-def test_step_keep_grads_with_triton_backend():
-    _import_step_helpers()
-    from models import lm_loss, task_batch, tiny_model
-
-    models = [tiny_model("qwen2", seed=1).to(DEVICE) for _ in range(2)]
-    surgeries = [mgs.ModularGradientSurgery(m, num_tasks=3, seed=4, backend=b)
-                 for m, b in zip(models, ("triton", "torch"))]  # fmt: skip
-    for m, s in zip(models, surgeries):
-        for t in range(3):
-            with s.capture(t):
-                lm_loss(m, task_batch(t, seed=0).to(DEVICE)).backward()
-    opt = torch.optim.SGD(models[0].parameters(), lr=0.1, momentum=0.9)
-    surgeries[0].step(opt, max_grad_norm=0.01, keep_grads=True)
-    surgeries[1].resolve()
-    torch.nn.utils.clip_grad_norm_(models[1].parameters(), 0.01)
-    ref = torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9)
-    ref.step()
-    for pa, pb in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, rtol=2e-5, atol=1e-9)
-        torch.testing.assert_close(pa, pb, rtol=2e-5, atol=1e-8)
 
 
 # ---------------------------------------------------------------------------------------- GPU only
@@ -459,8 +373,8 @@ def test_gpu_large_matches_reference(dtype, opt_name):
                 g = torch.Generator(device="cuda").manual_seed(10 * step + t)
                 with s.capture(t):
                     model(torch.randn(64, 1024, device="cuda", generator=g)).pow(2).mean().mul(t - 1.5).backward()
-        w = setups[0][1]._solve().weights
-        args = [_fused_step.prepare(s, opt, w, True) for _, s, opt in setups]
+        w = surgery_weights(setups[0][1])
+        args = [fused_step_args(s, opt, w, True) for _, s, opt in setups]
         for a in args:
             a.grad_out.fill_(NAN)
         kernels().fused_step(args[0])
@@ -481,10 +395,8 @@ def test_gpu_large_matches_reference(dtype, opt_name):
                 for key, v in ob.state[pb].items():
                     if isinstance(v, torch.Tensor) and v.is_cuda:
                         oa.state[pa][key].copy_(v)
-        for model, s, _ in setups:
-            for p in model.parameters():
-                p.grad = None
-            s._stale = True
+        for _, s, _ in setups:
+            s.zero_grad()
 
 
 @pytest.mark.gpu

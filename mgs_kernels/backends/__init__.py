@@ -1,13 +1,13 @@
-"""Backend registry and dispatch.
+"""Backend registry and dispatch: the one place that decides which implementation runs.
 
-A backend is a module-like object with three functions over validated inputs:
+A backend is a ``Backend`` (``backends/base.py``): the three pipeline stages, the devices and task
+counts it supports, and optional capabilities (a fused ``modular_pcgrad`` schedule, a fused optimizer
+step). Each lives in its own module that defines ``BACKEND``; adding one is one line in ``_REGISTRY``
+(and, if "auto" should choose it, in ``_AUTO``).
 
-    segmented_gram(grads [T, N], plan) -> float32 [M, T, T]
-    pcgrad_weights(gram float32 [M, T, T], order int64 [M, T, T-1], eps: float) -> float32 [M, T]
-    segmented_combine(grads [T, N], plan, weights float32 [M, T], out [N]) -> None   (writes out)
-
-plus ``supports(device) -> bool``. Validation happens in ``mgs_kernels.ops`` before a backend runs.
-Adding a backend is one line in ``_REGISTRY`` (and, if it should be chosen by "auto", in ``_AUTO``).
+Routing (``get_backend``): "auto" takes the first backend of ``_AUTO[device type]`` that loads here,
+runs on the device and handles the task count for the storage dtype; a named backend is used as asked,
+except that a task count beyond what it handles goes to the ``torch`` backend (any T, any device).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Dict, List, Optional
 import torch
 
 from .._errors import BackendUnavailableError, MGSInputError
+from .base import Backend
 
-# name -> module path (relative to this package). Loaded lazily; a failed import marks it unavailable.
+# name -> module path (relative to this package). Loaded lazily; a failed load marks it unavailable.
 _REGISTRY: Dict[str, str] = {
     "torch": ".torch_backend",
     "cpu": ".cpu_backend",
@@ -27,30 +28,38 @@ _REGISTRY: Dict[str, str] = {
     "triton": ".triton_backend",
 }
 
-# "auto" tries these in order for each device type, taking the first that loads and supports the device.
+# "auto" tries these in order for each device type.
 _AUTO: Dict[str, List[str]] = {
     "cuda": ["cuda", "triton", "torch"],
     "cpu": ["cpu", "torch"],
 }
 
-_loaded: Dict[str, object] = {}
+# Handles any device and task count: where work beyond another backend's limits goes.
+_FALLBACK = "torch"
+
+_loaded: Dict[str, Backend] = {}
 _errors: Dict[str, str] = {}
 
+_DEVICE_HINTS = {
+    "cuda": "needs a CUDA device",
+    "triton": "needs a CUDA device (or TRITON_INTERPRET=1 on the CPU, for testing)",
+    "cpu": "runs on CPU tensors only",
+}
 
-def _load(name: str):
+
+def _load(name: str) -> Optional[Backend]:
     if name in _loaded:
         return _loaded[name]
     if name in _errors:
         return None
     try:
-        mod = importlib.import_module(_REGISTRY[name], __name__)
-        if hasattr(mod, "load"):
-            mod.load()  # raises if the backend's native code or compiler is missing
+        backend = importlib.import_module(_REGISTRY[name], __name__).BACKEND
+        backend.load()  # raises if the backend's native code, driver or compiler is missing
     except Exception as exc:  # noqa: BLE001 - any failure just means "not available here"
         _errors[name] = f"{type(exc).__name__}: {exc}"
         return None
-    _loaded[name] = mod
-    return mod
+    _loaded[name] = backend
+    return backend
 
 
 def available_backends() -> List[str]:
@@ -58,7 +67,7 @@ def available_backends() -> List[str]:
     return [name for name in _REGISTRY if _load(name) is not None]
 
 
-def usable_backends(device: torch.device) -> List[str]:
+def usable_backends(device) -> List[str]:
     """Names of the available backends that can run on tensors of ``device``."""
     device = torch.device(device)
     return [name for name in available_backends() if _loaded[name].supports(device)]
@@ -71,41 +80,59 @@ def backend_errors() -> Dict[str, str]:
     return dict(_errors)
 
 
-def get_backend(name: str, device: torch.device):
-    """The backend object for ``name`` ("auto" picks the fastest available one for ``device``)."""
-    if name == "auto":
-        for candidate in _AUTO.get(device.type, ["torch"]):
-            mod = _load(candidate)
-            if mod is not None and mod.supports(device):
-                return mod
-        raise BackendUnavailableError(f"no backend supports device {device}")
-    if name not in _REGISTRY:
-        raise MGSInputError(f"unknown backend {name!r}; choose one of {['auto', *_REGISTRY]}")
-    mod = _load(name)
-    if mod is None:
-        raise BackendUnavailableError(f"backend {name!r} is not available: {_errors.get(name)}")
-    if not mod.supports(device):
-        raise BackendUnavailableError(f"backend {name!r} does not support tensors on {device}")
-    return mod
-
-
-_DEVICE_HINTS = {
-    "cuda": "needs a CUDA device",
-    "triton": "needs a CUDA device (or TRITON_INTERPRET=1 on the CPU, for testing)",
-    "cpu": "runs on CPU tensors only",
-}
-
-
 def backend_status(device) -> Dict[str, Optional[str]]:
     """Every registered backend -> None where it can run on ``device`` here, else why not (one line)."""
     device = torch.device(device)
     status: Dict[str, Optional[str]] = {}
     for name in _REGISTRY:
-        mod = _load(name)
-        if mod is None:
+        backend = _load(name)
+        if backend is None:
             status[name] = f"not available: {_errors.get(name)}"
-        elif not mod.supports(device):
+        elif not backend.supports(device):
             status[name] = f"not for {device.type} tensors: {_DEVICE_HINTS.get(name, 'unsupported device')}"
         else:
             status[name] = None
     return status
+
+
+def _handles(backend: Backend, num_tasks: Optional[int], dtype: Optional[torch.dtype]) -> bool:
+    if num_tasks is None:
+        return True
+    limit = backend.max_tasks(dtype or torch.float32)
+    return limit is None or num_tasks <= limit
+
+
+def get_backend(name: str, device, num_tasks: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> Backend:
+    """The backend that runs ``name`` ("auto" or a registered name) for tensors on ``device``.
+
+    Args:
+        name: "auto" | "torch" | "cpu" | "cuda" | "triton".
+        device: the tensors' device.
+        num_tasks: T, when known: a backend that does not handle it for ``dtype`` storage is replaced
+            (by the next "auto" candidate, or by the torch backend for a named one).
+        dtype: storage dtype of the task rows (default float32).
+
+    Raises:
+        MGSInputError: unknown name. BackendUnavailableError: the named backend does not load here or
+        does not run on ``device`` (the message says why).
+    """
+    device = torch.device(device)
+    if name == "auto":
+        for candidate in _AUTO.get(device.type, [_FALLBACK]):
+            backend = _load(candidate)
+            if backend is not None and backend.supports(device) and _handles(backend, num_tasks, dtype):
+                return backend
+        raise BackendUnavailableError(f"no backend supports device {device}")
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise MGSInputError(f"unknown backend {name!r}; choose one of {['auto', *_REGISTRY]}")
+    backend = _load(name)
+    if backend is None:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {_errors.get(name)}")
+    if not backend.supports(device):
+        raise BackendUnavailableError(f"backend {name!r} does not support tensors on {device}")
+    if not _handles(backend, num_tasks, dtype):
+        return _load(_FALLBACK)
+    return backend
+
+
+__all__ = ["Backend", "get_backend", "available_backends", "usable_backends", "backend_errors", "backend_status"]

@@ -2,6 +2,9 @@
 
 It is the portable fallback and the model the fused kernels are checked against for semantics.
 
+PCGrad weights come from the one Python definition of the solve (``mgs_kernels.weighting.pcgrad``),
+in float32.
+
 Layout trick: the flat axis is cut into fixed-size blocks of B elements. A block inside one module is
 read through a zero-copy view ([T, K, B]) and multiplied with ``bmm``; only the few blocks that straddle
 a module boundary (and the tail) are gathered, as per-module "pieces". Per-block / per-piece partial
@@ -16,14 +19,12 @@ from dataclasses import dataclass
 import torch
 
 from .._plan import SegmentPlan
+from ..weighting.pcgrad import pcgrad_weights
+from .base import Backend
 
 # Rough number of fp32 temporaries per batch.
 BATCH_ELEMS = 1 << 24
 MIN_BLOCK, MAX_BLOCK = 256, 16384
-
-
-def supports(device: torch.device) -> bool:
-    return True
 
 
 @dataclass
@@ -153,33 +154,6 @@ def segmented_gram(grads: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
     return gram.view(M, T, T)
 
 
-def pcgrad_coefficients(gram: torch.Tensor, order: torch.Tensor, eps: float) -> torch.Tensor:
-    """float32 [M, T, T]: row i of module m is c_i, the projected task gradient g_i' = sum_k c_ik g_k
-    (DESIGN.md section 1), all modules and tasks at once.
-
-    The T-1 visiting steps run in sequence, each vectorized over modules and tasks.
-    """
-    M, T, _ = gram.shape
-    g = gram.float()
-    coef = torch.eye(T, dtype=torch.float32, device=g.device).expand(M, T, T).contiguous()
-    diag = torch.diagonal(g, dim1=1, dim2=2)  # [M, T]
-    for step in range(T - 1):
-        j = order[:, :, step]  # [M, T]: the task each task i visits now
-        g_rows = torch.gather(g, 1, j.unsqueeze(-1).expand(M, T, T))  # G[m, j, :] (= G[m, :, j])
-        d = (coef * g_rows).sum(-1)  # g_i' . g_j
-        g_jj = torch.gather(diag, 1, j)
-        conflict = (d < 0) & (g_jj > eps)
-        step_coef = torch.where(conflict, d / torch.where(conflict, g_jj, 1.0), 0.0)
-        current = torch.gather(coef, 2, j.unsqueeze(-1))
-        coef.scatter_(2, j.unsqueeze(-1), current - step_coef.unsqueeze(-1))
-    return coef
-
-
-def pcgrad_weights(gram: torch.Tensor, order: torch.Tensor, eps: float) -> torch.Tensor:
-    """float32 [M, T]: w_m = sum_i c_i, the weights of the summed projected gradients."""
-    return pcgrad_coefficients(gram, order, eps).sum(1)
-
-
 def _weighted_rows(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """[R, B] = sum_t w[r, t] * x[t, r, :] for w [R, T], x [T, R, B] (a batched GEMV)."""
     return torch.bmm(w.unsqueeze(1), x.permute(1, 0, 2)).squeeze(1)
@@ -203,3 +177,25 @@ def segmented_combine(grads: torch.Tensor, plan: SegmentPlan, weights: torch.Ten
     if pieces:
         values = torch.cat(pieces)[t.p_src].to(out.dtype)
         out.index_copy_(0, t.p_pos, values)
+
+
+class TorchBackend(Backend):
+    """Vectorized PyTorch on any device, any task count: the portable fallback dispatch routes to."""
+
+    name = "torch"
+    device_types = ("cpu", "cuda", "mps", "xpu", "meta")
+
+    def supports(self, device: torch.device) -> bool:
+        return True
+
+    def segmented_gram(self, grads, plan):
+        return segmented_gram(grads, plan)
+
+    def pcgrad_weights(self, gram, order, eps):
+        return pcgrad_weights(gram.float(), order, eps)
+
+    def segmented_combine(self, grads, plan, weights, out):
+        segmented_combine(grads, plan, weights, out)
+
+
+BACKEND = TorchBackend()

@@ -20,6 +20,7 @@ window (``accelerator.sync_gradients`` is True) it clips (``_clip_grad_norm``) a
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -30,7 +31,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
     raise ImportError("mgs_kernels.integrations.MGSTrainer needs transformers: pip install transformers accelerate") from exc
 
 from .._errors import MGSInputError
-from ._split import StatsAccumulator, TaskSplitter, make_surgery, to_task_ids
+from ..surgery import ModularGradientSurgery
+from ._split import StatsAccumulator, TaskSplitter, to_task_ids
+
+# File in each checkpoint folder holding ModularGradientSurgery.state_dict().
+MGS_STATE_FILE = "mgs_state.pt"
 
 
 class MGSTrainerMixin:
@@ -40,14 +45,16 @@ class MGSTrainerMixin:
         num_tasks: T. With T = 1 the trainer behaves exactly like the base trainer.
         task_column: dataset column holding each example's task id (int in [0, T), or a name in ``task_names``).
         task_names: optional list of T names, for string task columns and log keys.
-        partition, order, seed, exclude, backend, eps, dtype: ``ModularGradientSurgery`` options
-            (``partition="global"`` is plain PCGrad over the whole model, GGS).
+        partition, order, seed, exclude, backend, eps, dtype, method, method_options:
+            ``ModularGradientSurgery`` options (``partition="global"`` is plain PCGrad over the whole model,
+            GGS; ``method="upgrad"`` etc. swaps PCGrad for another Gram-space method).
         mgs_enabled: False runs the base trainer untouched (same data pipeline), for A/B runs.
     """
 
     def __init__(self, *args, num_tasks: int, task_column: str = "task", task_names: Optional[Sequence[str]] = None,
                  partition: Any = "module", order: Any = "random", seed: int = 0, exclude: Any = None,
                  backend: str = "auto", eps: float = 0.0, dtype: Optional[torch.dtype] = None,
+                 method: Any = "pcgrad", method_options: Optional[Dict[str, Any]] = None,
                  mgs_enabled: bool = True, **kwargs):
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
             raise MGSInputError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
@@ -58,8 +65,9 @@ class MGSTrainerMixin:
         self.mgs_task_names = list(task_names) if task_names is not None else None
         self.mgs_enabled = mgs_enabled
         self._mgs_options = dict(partition=partition, order=order, seed=seed, exclude=exclude, backend=backend,
-                                 eps=eps, dtype=dtype)
+                                 eps=eps, dtype=dtype, method=method, method_options=method_options)
         self.mgs_surgery = None
+        self._mgs_resume_state = None  # surgery state read from a checkpoint before the surgery exists
         self.mgs_splitter: Optional[TaskSplitter] = None
         self.mgs_last_stats = None
         self._mgs_log = StatsAccumulator()
@@ -80,10 +88,32 @@ class MGSTrainerMixin:
             raise MGSInputError("MGS needs the per-task gradients in p.grad; DeepSpeed keeps its own gradient "
                                 "buffers. Use FSDP2 or DDP.")
         # Build on the model the loop trains (DDP wrapper or FSDP2-sharded), lazily: Trainer wraps it in train().
-        self.mgs_surgery = make_surgery(model, self.mgs_num_tasks, **self._mgs_options)
-        if self.mgs_surgery.dist.kind == "ddp":
-            self.mgs_surgery.dist.check_alignment = True
+        # Alignment is checked under DDP too: the trainer's data order is not ours to trust.
+        self.mgs_surgery = ModularGradientSurgery(model, num_tasks=self.mgs_num_tasks, check_alignment=True,
+                                                  **self._mgs_options)
+        if self._mgs_resume_state is not None:
+            self.mgs_surgery.load_state_dict(self._mgs_resume_state)
+            self._mgs_resume_state = None
         self.mgs_splitter = TaskSplitter(self.mgs_surgery, model)
+
+    # ------------------------------------------------------------------ checkpoints
+    # The surgery's state (order generator, step count, a stateful method's per-module state) travels with
+    # the optimizer's, so a run resumed with ``resume_from_checkpoint`` continues bitwise identically.
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.mgs_surgery is not None and self.args.should_save:
+            torch.save(self.mgs_surgery.state_dict(), os.path.join(output_dir, MGS_STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, MGS_STATE_FILE) if checkpoint else None
+        if path is None or not os.path.isfile(path) or not self.mgs_enabled:
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if self.mgs_surgery is not None:
+            self.mgs_surgery.load_state_dict(state)
+        else:
+            self._mgs_resume_state = state
 
     def _mgs_world(self) -> int:
         return int(getattr(self.accelerator, "num_processes", 1) or 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 from .base import State, Weighting, get_weighting, methods, register
+from .pcgrad import PCGrad
 
 # Modules that define (and register) methods, imported once here.
 _METHOD_MODULES = ()
@@ -16,4 +17,4 @@ _METHOD_MODULES = ()
 for _name in _METHOD_MODULES:
     importlib.import_module(f"{__name__}.{_name}")
 
-__all__ = ["Weighting", "State", "get_weighting", "methods", "register"]
+__all__ = ["Weighting", "State", "PCGrad", "get_weighting", "methods", "register"]

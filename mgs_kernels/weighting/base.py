@@ -12,7 +12,8 @@ Contract of a subclass (see ``Weighting.compute``):
 - ``compute`` receives the Grams in float64 and a ``present`` mask [M, T] (task k has a nonzero
   gradient in module m: G[m, k, k] > 0, or a non-finite diagonal). Tasks that are not present are left
   out of that module's problem: the others are aggregated as if T were smaller. Their weight is
-  irrelevant to the result (their gradient is zero) but is returned as 0;
+  irrelevant to the result (their gradient is zero) and is returned as 0 (PCGrad, whose kernels never
+  project on a zero gradient anyway, keeps its own weight for them);
 - NaN / Inf in a Gram propagate to that module's weights (never silently replaced);
 - per-module state (EMA targets, warm starts) lives in a dict of tensors with leading dim M, created by
   ``init_state`` and updated in place by ``compute``; it round-trips through ``state_dict`` untouched.
@@ -86,8 +87,13 @@ class Weighting:
         state: Optional[State] = None,
         generator: Optional[torch.Generator] = None,
         info: Optional[Dict[str, torch.Tensor]] = None,
+        backend: Any = None,
     ) -> torch.Tensor:
-        """float32 [M, T] weights from ``gram`` [M, T, T] (any float dtype; solved in float64)."""
+        """float32 [M, T] weights from ``gram`` [M, T, T] (any float dtype; solved in float64).
+
+        ``backend`` (a ``mgs_kernels.backends.Backend``) is where a method with its own kernels runs
+        them (PCGrad); methods solved in torch ignore it.
+        """
         M, T, _ = gram.shape
         g = gram.double()
         diag = torch.diagonal(g, dim1=1, dim2=2)
