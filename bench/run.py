@@ -30,15 +30,18 @@ elements, a partition ("tensor" / "module" / "global"), T tasks and a storage dt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import IO, Callable, Dict, List, Optional, Sequence, Tuple
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
@@ -216,6 +219,52 @@ def copy_bandwidth(device: torch.device, timer: Timer) -> float:
 
 
 # -------------------------------------------------------------------------------------------- memory
+# libkineto announces every profiler start and stop on stderr from native code ("USDT:<time> <pid>:<tid>
+# SyncActivityProfilerHandler.cpp:52] profiler_start"): 2 lines per measured call, none of them news.
+_PROFILER_NOISE = re.compile(r"^USDT:.*\] profiler_(start|stop)\s*$")
+
+
+@contextlib.contextmanager
+def _drop_native_lines(noise: "re.Pattern[str]"):
+    """Run the body with file descriptors 1 and 2 pointed at temporary files, then write back every
+    captured line that does not match ``noise``. Native code writes straight to the descriptors, so
+    swapping ``sys.stdout`` / ``sys.stderr`` would not catch it. Where the descriptors cannot be
+    duplicated (closed, or no such thing), the body runs unfiltered."""
+    saved: Dict[int, int] = {}
+    captured: Dict[int, IO[bytes]] = {}
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd in (1, 2):
+            tmp = tempfile.TemporaryFile()
+            saved[fd] = os.dup(fd)
+            captured[fd] = tmp
+            os.dup2(tmp.fileno(), fd)
+    except (OSError, ValueError, AttributeError):
+        for fd, dup in saved.items():
+            os.dup2(dup, fd)
+            os.close(dup)
+        for tmp in captured.values():
+            tmp.close()
+        saved, captured = {}, {}
+    try:
+        yield
+    finally:
+        if saved:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, dup in saved.items():
+                os.dup2(dup, fd)
+                os.close(dup)
+            for fd, tmp in captured.items():
+                tmp.seek(0)
+                kept = [line for line in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                        if not noise.match(line)]
+                tmp.close()
+                if kept:  # anything else (a warning, an error) still reaches the person, on its stream
+                    os.write(fd, "".join(kept).encode())
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     """Peak bytes allocated by one call beyond what was live before it (its output included)."""
     if device.type == "cuda":
@@ -231,9 +280,10 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional
         from torch._C._profiler import _EventType
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            out = fn()
-        del out
+        with _drop_native_lines(_PROFILER_NOISE):
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                out = fn()
+            del out
         allocs = []
         stack = list(prof.profiler.kineto_results.experimental_event_tree())
         while stack:
