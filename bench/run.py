@@ -336,8 +336,9 @@ def progress_bar(total: int, quiet: bool):
     except ImportError:
         return _NoBar(total)
     # miniters=1 keeps tqdm's monitor thread from drawing: the bar is drawn by update() only, never while
-    # the peak-memory measurement has the file descriptors redirected.
-    return tqdm(total=total, desc="bench", unit="timing", leave=False, miniters=1, mininterval=0,
+    # the peak-memory measurement has the file descriptors redirected. smoothing=0: the ETA uses the mean
+    # rate of the whole run so far (timings differ by 100x between providers; a moving average jumps).
+    return tqdm(total=total, desc="bench", unit="timing", leave=False, miniters=1, mininterval=0, smoothing=0,
                 dynamic_ncols=True, file=sys.stderr)
 
 
