@@ -9,8 +9,8 @@ checked against one float64 reference before their times are believed.
   (flatten every task's gradient, for each task walk the shuffled other tasks and project with
   ``torch.dot``, then sum). It ignores the partition: it is what people run instead of modular surgery.
 - ``mgs:<backend>``: ``mgs_kernels.modular_pcgrad(..., backend=<backend>)`` for every backend that
-  ``mgs_kernels.available_backends()`` reports and that supports the device. A new package backend
-  shows up here with no change at all.
+  ``mgs_kernels.backends.backend_status(device)`` reports usable on the device (the others, with the
+  reason, are listed in the benchmark's header). A new package backend shows up here with no change.
 
 Adding any other provider is one line in ``EXTRA_PROVIDERS``.
 """
@@ -30,7 +30,7 @@ if _ROOT not in sys.path:
 
 import mgs_kernels  # noqa: E402
 from mgs_kernels import reference  # noqa: E402
-from mgs_kernels.backends import get_backend  # noqa: E402
+from mgs_kernels.backends import backend_status  # noqa: E402
 
 ProviderFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -88,15 +88,13 @@ REFERENCE = "reference_loop"
 
 
 def backend_names(device: torch.device) -> List[str]:
-    """Package backends that load here and support ``device``."""
-    names = []
-    for name in mgs_kernels.available_backends():
-        try:
-            get_backend(name, device)
-        except Exception:  # noqa: BLE001 - "does not support this device" is a normal answer
-            continue
-        names.append(name)
-    return names
+    """Package backends that load here and can run on ``device``."""
+    return [name for name, why_not in backend_status(device).items() if why_not is None]
+
+
+def unusable_backends(device: torch.device) -> Dict[str, str]:
+    """Package backends that cannot run on ``device`` here -> why not (one line each)."""
+    return {name: why_not for name, why_not in backend_status(device).items() if why_not is not None}
 
 
 def get_providers(device: torch.device, only: Optional[List[str]] = None) -> Dict[str, Provider]:

@@ -30,15 +30,18 @@ elements, a partition ("tensor" / "module" / "global"), T tasks and a storage dt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import IO, Callable, Dict, List, Optional, Sequence, Tuple
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
@@ -216,6 +219,52 @@ def copy_bandwidth(device: torch.device, timer: Timer) -> float:
 
 
 # -------------------------------------------------------------------------------------------- memory
+# libkineto announces every profiler start and stop on stderr from native code ("USDT:<time> <pid>:<tid>
+# SyncActivityProfilerHandler.cpp:52] profiler_start"): 2 lines per measured call, none of them news.
+_PROFILER_NOISE = re.compile(r"^USDT:.*\] profiler_(start|stop)\s*$")
+
+
+@contextlib.contextmanager
+def _drop_native_lines(noise: "re.Pattern[str]"):
+    """Run the body with file descriptors 1 and 2 pointed at temporary files, then write back every
+    captured line that does not match ``noise``. Native code writes straight to the descriptors, so
+    swapping ``sys.stdout`` / ``sys.stderr`` would not catch it. Where the descriptors cannot be
+    duplicated (closed, or no such thing), the body runs unfiltered."""
+    saved: Dict[int, int] = {}
+    captured: Dict[int, IO[bytes]] = {}
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd in (1, 2):
+            tmp = tempfile.TemporaryFile()
+            saved[fd] = os.dup(fd)
+            captured[fd] = tmp
+            os.dup2(tmp.fileno(), fd)
+    except (OSError, ValueError, AttributeError):
+        for fd, dup in saved.items():
+            os.dup2(dup, fd)
+            os.close(dup)
+        for tmp in captured.values():
+            tmp.close()
+        saved, captured = {}, {}
+    try:
+        yield
+    finally:
+        if saved:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, dup in saved.items():
+                os.dup2(dup, fd)
+                os.close(dup)
+            for fd, tmp in captured.items():
+                tmp.seek(0)
+                kept = [line for line in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                        if not noise.match(line)]
+                tmp.close()
+                if kept:  # anything else (a warning, an error) still reaches the person, on its stream
+                    os.write(fd, "".join(kept).encode())
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     """Peak bytes allocated by one call beyond what was live before it (its output included)."""
     if device.type == "cuda":
@@ -231,9 +280,10 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional
         from torch._C._profiler import _EventType
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            out = fn()
-        del out
+        with _drop_native_lines(_PROFILER_NOISE):
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                out = fn()
+            del out
         allocs = []
         stack = list(prof.profiler.kineto_results.experimental_event_tree())
         while stack:
@@ -249,6 +299,54 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional
         live += size
         peak = max(peak, live)
     return int(peak)
+
+
+# ------------------------------------------------------------------------------------------ progress
+class _NoBar:
+    """Stands in for a tqdm bar where there is none (``--quiet``, stderr not a terminal, no tqdm)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    @staticmethod
+    def write(s: str, file=None) -> None:
+        print(s, file=file or sys.stdout, flush=True)
+
+
+def progress_bar(total: int, quiet: bool):
+    """One bar on stderr for the whole run, counting timed calls, so its ETA covers everything still
+    to come. A silent stand-in with ``--quiet``, when stderr is not a terminal (logs, CI, pipes) or
+    when tqdm is not installed. Lines printed while it runs go through its ``write``."""
+    if quiet or not sys.stderr.isatty():
+        return _NoBar(total)
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar(total)
+    # miniters=1 keeps tqdm's monitor thread from drawing: the bar is drawn by update() only, never while
+    # the peak-memory measurement has the file descriptors redirected. smoothing=0: the ETA uses the mean
+    # rate of the whole run so far (timings differ by 100x between providers; a moving average jumps).
+    return tqdm(total=total, desc="bench", unit="timing", leave=False, miniters=1, mininterval=0, smoothing=0,
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def _shrink(bar, n: int) -> None:
+    """Take ``n`` timings that will not run (loops past the deadline, a skipped stage) off the bar."""
+    if n:
+        bar.total -= n
+        bar.refresh()
 
 
 # ------------------------------------------------------------------------------------ float64 check
@@ -394,7 +492,9 @@ class Row:
     note: str = ""
 
 
-def run_case(case: Case, provs: Dict[str, providers_mod.Provider], env: dict, timer: Timer, args) -> List[Row]:
+def run_case(case: Case, provs: Dict[str, providers_mod.Provider], env: dict, timer: Timer, args,
+             bar=None) -> List[Row]:
+    bar = bar if bar is not None else _NoBar(0)
     device = env["device_obj"]
     lay = layouts.scaled(case.model, case.n_target)
     N, T, dtype = lay.numel, case.T, DTYPES[case.dtype]
@@ -419,8 +519,11 @@ def run_case(case: Case, provs: Dict[str, providers_mod.Provider], env: dict, ti
         loops = case.loops and not (args.deadline and time.perf_counter() - args.t_start > args.deadline)
         names = [n for n in provs if loops or not provs[n].loop]
         names.sort(key=lambda n: n != providers_mod.REFERENCE)  # the reference first: speedups need it
+        if case.loops and not loops:
+            _shrink(bar, sum(p.loop for p in provs.values()))
         for name in names:
             prov = provs[name]
+            bar.set_postfix_str(f"{case.model} {partition} T={T} N={N:.2g} {case.dtype}: {name}")
             fn = lambda: prov.fn(grads, offsets, order)  # noqa: E731
             note = ""
             out, first_ms = timer.once(fn)
@@ -456,9 +559,10 @@ def run_case(case: Case, provs: Dict[str, providers_mod.Provider], env: dict, ti
                     copy_gbps=case_bw / 1e9, note=note,
                 )
             )
+            bar.update()
             if args.verbose:
-                print(f"  {name:20s} {case.model} {partition:7s} T={T:<3d} N={N:.3g} {case.dtype} "
-                      f"{t.median_ms:10.2f} ms  err={err:.1e}", file=sys.stderr, flush=True)
+                bar.write(f"  {name:20s} {case.model} {partition:7s} T={T:<3d} N={N:.3g} {case.dtype} "
+                          f"{t.median_ms:10.2f} ms  err={err:.1e}", file=sys.stderr)
     del grads
     return rows
 
@@ -475,13 +579,21 @@ def finalise_floor(rows: List[Row], env: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- surgery vs fwd + bwd
-def surgery_cost(provs: Dict[str, providers_mod.Provider], env: dict, timer: Timer, args) -> List[dict]:
+def surgery_cost_timings(provs: Dict[str, providers_mod.Provider]) -> int:
+    """Timed calls of ``surgery_cost``: fwd+bwd before and after, every provider, resolve()."""
+    return len(provs) + 3
+
+
+def surgery_cost(provs: Dict[str, providers_mod.Provider], env: dict, timer: Timer, args,
+                 bar=None) -> List[dict]:
     """modular_pcgrad at T=3 on a small Llama's per-tensor layout, as a fraction of one forward +
     backward of that model."""
+    bar = bar if bar is not None else _NoBar(0)
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except Exception as exc:  # noqa: BLE001
-        print(f"surgery cost skipped: transformers not importable ({exc})", file=sys.stderr)
+        _shrink(bar, surgery_cost_timings(provs))
+        bar.write(f"surgery cost skipped: transformers not importable ({exc})", file=sys.stderr)
         return []
     device = env["device_obj"]
     if device.type == "cuda" and not args.quick:
@@ -503,8 +615,10 @@ def surgery_cost(provs: Dict[str, providers_mod.Provider], env: dict, timer: Tim
         loss.backward()
         return loss
 
+    bar.set_postfix_str("surgery cost: forward+backward")
     _, first = timer.once(fwd_bwd)
     fb_before = timer.measure(fwd_bwd, first, slow=True)
+    bar.update()
     model.zero_grad(set_to_none=True)
 
     part = mgs_kernels.build_partition(model, "tensor")
@@ -520,14 +634,19 @@ def surgery_cost(provs: Dict[str, providers_mod.Provider], env: dict, timer: Tim
     ref = reference64(grads, offsets, order)
     for name, prov in provs.items():
         if prov.loop and args.deadline and time.perf_counter() - args.t_start > args.deadline:
+            _shrink(bar, 1)
             continue
+        bar.set_postfix_str(f"surgery cost: {name}")
         fn = lambda: prov.fn(grads, offsets, order)  # noqa: E731
         res, first = timer.once(fn)
         if prov.modular and max_rel_err(res, ref) > TOLERANCE["fp32"]:
-            print(f"surgery cost: {name} FAILED the check", file=sys.stderr)
+            bar.update()
+            bar.write(f"surgery cost: {name} FAILED the check", file=sys.stderr)
             continue
         timed.append((name, timer.measure(fn, first, slow=prov.loop)))
+        bar.update()
     # The model-level API end to end: ModularGradientSurgery.resolve() after three captured tasks.
+    bar.set_postfix_str("surgery cost: ModularGradientSurgery.resolve")
     try:
         s = mgs_kernels.ModularGradientSurgery(model, num_tasks=T, partition="tensor", backend="auto")
         for task in range(T):
@@ -538,11 +657,15 @@ def surgery_cost(provs: Dict[str, providers_mod.Provider], env: dict, timer: Tim
         timed.append((f"ModularGradientSurgery.resolve (auto: {auto})", timer.measure(s.resolve, first, slow=False)))
         s.remove()
     except Exception as exc:  # noqa: BLE001
-        print(f"surgery cost: ModularGradientSurgery.resolve skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
+        bar.write(f"surgery cost: ModularGradientSurgery.resolve skipped ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
+    bar.update()
     # fwd+bwd again after the surgery timings; the lower median is used (a neighbour's load only slows).
+    bar.set_postfix_str("surgery cost: forward+backward again")
     model.zero_grad(set_to_none=True)
     _, first = timer.once(fwd_bwd)
     fb_after = timer.measure(fwd_bwd, first, slow=True)
+    bar.update()
     model.zero_grad(set_to_none=True)
     fb_ms = min(fb_before.median_ms, fb_after.median_ms)
     return [dict(provider=name, model=model_desc, T=T, N=N, M=M, surgery_ms=t.median_ms, fwd_bwd_ms=fb_ms,
@@ -594,13 +717,15 @@ def surgery_table(items: List[dict]) -> str:
 
 
 def header(env: dict, args) -> str:
+    """Three lines: what ran where, which providers (and why the other backends did not), how it was timed."""
+    skipped = "".join(f"; mgs:{name} not run ({why})" for name, why in env["unusable"].items())
     return (
         f"mgs_kernels {mgs_kernels.__version__} benchmark ({'quick' if args.quick else 'full'}) on {env['device']}; "
-        f"torch {env['torch']}, triton {env['triton']}, python {platform.python_version()}; "
+        f"torch {env['torch']}, triton {env['triton']}, python {platform.python_version()}\n"
+        f"providers: {', '.join(env['providers'])}{skipped}\n"
         f"copy bandwidth {env['copy_samples'][0] / 1e9:.1f} GB/s at start (read+write of a "
         f"{'1 GiB' if env['device_obj'].type == 'cuda' else '256 MiB'} dst.copy_(src), re-measured before "
-        f"every case; the floor uses the best sample); "
-        f"providers: {', '.join(env['providers'])}; caches {'flushed' if args.flush else 'NOT flushed'} "
+        f"every case; the floor uses the best sample); caches {'flushed' if args.flush else 'NOT flushed'} "
         f"before each timed call; load average at start {env['load']}."
     )
 
@@ -633,7 +758,9 @@ def parse_args(argv=None):
     p.add_argument("--deadline", type=float, help="after this many seconds, skip the Python-loop providers "
                    "in the remaining cases (quick default 100, so --quick stays under 3 min on a loaded machine)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (it is off anyway when stderr "
+                   "is not a terminal, or without tqdm)")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per timing on stderr")
     args = p.parse_args(argv)
     for m in args.models:
         if m not in layouts.LAYOUTS:
@@ -661,23 +788,27 @@ def main(argv=None) -> int:
                   flush=args.flush)
     provs = providers_mod.get_providers(device, args.providers)
     env = dict(device_obj=device, device=device_name(device), torch=torch.__version__, triton=triton_version(),
-               providers=list(provs), load=_loadavg())
+               providers=list(provs), unusable=providers_mod.unusable_backends(device), load=_loadavg())
     env["copy_Bps"] = copy_bandwidth(device, timer)
     env["copy_samples"] = [env["copy_Bps"]]
     print(header(env, args), flush=True)
 
     cases = quick_cases() if args.quick else full_cases(args, device)
+    timings = sum(len(c.partitions) * sum(c.loops or not p.loop for p in provs.values()) for c in cases)
+    bar = progress_bar(timings + (surgery_cost_timings(provs) if args.surgery_cost else 0), args.quiet)
     rows: List[Row] = []
-    for i, case in enumerate(cases):
-        if args.verbose:
-            print(f"[{i + 1}/{len(cases)}] {case} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
-        rows.extend(run_case(case, provs, env, timer, args))
-    finalise_floor(rows, env)
-    table = markdown_table(rows)
-    print()
-    print(table, flush=True)
+    try:
+        for i, case in enumerate(cases):
+            if args.verbose:
+                bar.write(f"[{i + 1}/{len(cases)}] {case} ({time.perf_counter() - start:.0f}s)", file=sys.stderr)
+            rows.extend(run_case(case, provs, env, timer, args, bar))
+        finalise_floor(rows, env)
+        table = markdown_table(rows)
+        bar.write("\n" + table, file=sys.stdout)
 
-    cost = surgery_cost(provs, env, timer, args) if args.surgery_cost else []
+        cost = surgery_cost(provs, env, timer, args, bar) if args.surgery_cost else []
+    finally:
+        bar.close()
     cost_md = surgery_table(cost)
     if cost_md:
         print()

@@ -5,12 +5,13 @@ A tiny Llama (config only) is trained on three synthetic domains mixed in one da
 logs carry the MGS diagnostics (mgs/conflict_pair_fraction, mgs/cos/i-j, per-module-type conflicts). At the
 end it prints per-task held-out losses and writes a conflict heatmap.
 
-    python examples/hf_trainer.py [--steps 150] [--partition module] [--out mgs_hf_heatmap.png]
+    python examples/hf_trainer.py [--steps 150] [--partition module] [--out mgs_hf_heatmap.png] [--quiet]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 
 import torch
@@ -33,6 +34,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--partition", default="module")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--out", default="mgs_hf_heatmap.png")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -48,7 +50,8 @@ def main():
     targs = transformers.TrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=12, gradient_accumulation_steps=2,
         max_steps=args.steps, learning_rate=3e-3, max_grad_norm=1.0, logging_steps=10, report_to=[],
-        save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+        save_strategy="no", use_cpu=True, seed=0,
+        disable_tqdm=args.quiet or not sys.stderr.isatty())  # the trainer's own bar, on a terminal only
     trainer = MGSTrainer(model=model, args=targs, train_dataset=train,
                          data_collator=transformers.default_data_collator,
                          num_tasks=3, task_column="task", task_names=TASKS,      # <- the MGS arguments

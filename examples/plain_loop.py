@@ -5,7 +5,9 @@ counting up, counting down in steps of 3, and repeating a 4-token motif. Each me
 initial weights, on the same batches, for the same steps; per-task held-out losses are printed at the end,
 with the conflict statistics MGS saw and a conflict heatmap (cosine per block x module type).
 
-    python examples/plain_loop.py [--steps 400] [--seeds 0 1 2] [--out mgs_plain_heatmap.png]
+    python examples/plain_loop.py [--steps 400] [--seeds 0 1 2] [--out mgs_plain_heatmap.png] [--quiet]
+
+On a terminal one progress bar covers every run (3 methods x the seeds), with the ETA of the whole comparison.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 import torch
 
 import mgs_kernels as mgs
-from synthetic import TASKS, domain_ids, save_heatmap, tiny_llama
+from synthetic import TASKS, _NoBar, domain_ids, progress, save_heatmap, tiny_llama
 
 VOCAB = 64
 
@@ -33,7 +35,8 @@ def loss_of(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
-def train(method: str, seed: int, steps: int, lr: float):
+def train(method: str, seed: int, steps: int, lr: float, bar=None):
+    bar = bar if bar is not None else _NoBar()
     model = make_model(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     surgery = None
@@ -54,6 +57,7 @@ def train(method: str, seed: int, steps: int, lr: float):
             history.append(surgery.resolve())                     # modular (or global) PCGrad into p.grad
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        bar.update()
     eval_gen = torch.Generator().manual_seed(99)
     with torch.no_grad():
         model.eval()
@@ -67,20 +71,25 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--out", default="mgs_plain_heatmap.png")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args()
     torch.set_num_threads(2)
 
     results = {}
     mgs_history = None
-    for method in ("naive", "ggs", "mgs"):
+    methods = ("naive", "ggs", "mgs")
+    bar = progress(len(methods) * len(args.seeds) * args.steps, "training", args.quiet)
+    for method in methods:
         for seed in args.seeds:
+            bar.set_description_str(f"{method} seed {seed}")
             t0 = time.perf_counter()
-            held_out, history = train(method, seed, args.steps, args.lr)
+            held_out, history = train(method, seed, args.steps, args.lr, bar)
             results[(method, seed)] = held_out
             if method == "mgs" and seed == args.seeds[0]:
                 mgs_history = history
-            print(f"{method:5s} seed {seed}: held-out loss " + "  ".join(f"{n}={v:.3f}" for n, v in zip(TASKS, held_out))
-                  + f"  mean={sum(held_out) / 3:.3f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
+            bar.write(f"{method:5s} seed {seed}: held-out loss " + "  ".join(f"{n}={v:.3f}" for n, v in zip(TASKS, held_out))
+                      + f"  mean={sum(held_out) / 3:.3f}  ({time.perf_counter() - t0:.0f}s)")
+    bar.close()
 
     print("\nmean over seeds (lower is better):")
     for method in ("naive", "ggs", "mgs"):

@@ -1,7 +1,9 @@
-"""Shared pieces of the examples: three synthetic 'domains', a tiny Llama from a config, a heatmap."""
+"""Shared pieces of the examples: three synthetic 'domains', a tiny Llama from a config, a heatmap, a
+progress bar."""
 
 from __future__ import annotations
 
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -44,3 +46,32 @@ def save_heatmap(stats, tasks, path: str, task_names: Sequence[str], what: str =
         print(f"conflict heatmap{what}: {path}")
     except ImportError as exc:
         print(f"(no heatmap: {exc})")
+
+
+class _NoBar:
+    """Stands in for a tqdm bar where there is none (--quiet, stderr not a terminal, no tqdm)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_description_str(self, desc: str = "", refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    @staticmethod
+    def write(s: str, file=None) -> None:
+        print(s, file=file or sys.stdout, flush=True)
+
+
+def progress(total: int, desc: str, quiet: bool = False, unit: str = "step"):
+    """A tqdm bar on stderr over ``total`` steps (cleared when closed), or a silent stand-in with
+    ``quiet``, when stderr is not a terminal, or without tqdm. Print through its ``write`` while it runs."""
+    if quiet or not sys.stderr.isatty():
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)

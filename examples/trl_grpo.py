@@ -7,14 +7,16 @@ GRPO on three synthetic domains with rule-based rewards:
   - "digits": prompts "num?", reward = fraction of digits in the completion
 Per-task mean rewards (first vs last steps), the conflict statistics and a heatmap are printed/written.
 
-    python examples/trl_grpo.py [--steps 40] [--partition module] [--out mgs_grpo_heatmap.png]
+    python examples/trl_grpo.py [--steps 40] [--partition module] [--out mgs_grpo_heatmap.png] [--quiet]
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import sys
 import tempfile
+import warnings
 from collections import defaultdict
 
 import torch
@@ -79,6 +81,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--partition", default="module")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--out", default="mgs_grpo_heatmap.png")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -87,6 +90,10 @@ def main():
     import trl
 
     from mgs_kernels.integrations import MGSGRPOTrainer
+
+    # TRL's own config and trainer still call transformers' *gradient_checkpointing* names, deprecated in
+    # transformers 5: four FutureWarnings about TRL's code, none about this script or MGS.
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
 
     tok = char_tokenizer()
     torch.manual_seed(0)
@@ -98,7 +105,8 @@ def main():
     config = trl.GRPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=12, num_generations=4, max_completion_length=8,
         gradient_accumulation_steps=2, max_steps=args.steps, learning_rate=5e-3, beta=0.0, logging_steps=5,
-        report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, bf16=False, max_grad_norm=1.0)
+        report_to=[], save_strategy="no", use_cpu=True, seed=0, bf16=False, max_grad_norm=1.0,
+        disable_tqdm=args.quiet or not sys.stderr.isatty())  # trainer's own bar on a terminal only
     trainer = MGSGRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=dataset(4000, seed=0),
                              processing_class=tok, num_tasks=3, task_column="task", task_names=TASKS,
                              partition=args.partition, seed=0)
