@@ -50,6 +50,11 @@ _SETTINGS: Dict[str, object] = {}  # task_names, task_key, surgery_options (set 
 
 def configure(task_names: List[str], task_key: str, surgery_options: Dict[str, object]) -> None:
     """Set what every MGS engine built from now on uses, and register the engine classes (once)."""
+    if not hasattr(FSDPEngineWithLMHead, "_gradient_sync_context"):  # the per-micro-batch hook (verl 0.9)
+        raise MGSInputError(
+            "this verl's FSDP engine has no _gradient_sync_context (verl < 0.9?): the MGS engine needs verl >= 0.9 "
+            "(tested: 0.9.1); verl <= 0.5 can use MGSActorAdapter (see mgs_kernels.integrations.verl)"
+        )
     _SETTINGS.update(task_names=list(task_names), task_key=task_key, surgery_options=dict(surgery_options))
     registry = EngineRegistry._engines
     for backend in FSDP_BACKENDS + OTHER_BACKENDS:

@@ -43,7 +43,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp: Path, model: Path, world: int, scenarios) -> list:
+def _start(tmp: Path, model: Path, world: int, scenarios):
+    """Start the ``world`` worker processes of one launch; returns a function that waits for their results."""
     env = dict(os.environ)
     env.update(
         PYTHONPATH=os.pathsep.join([str(HERE), str(REPO), env.get("PYTHONPATH", "")]),
@@ -64,17 +65,21 @@ def _launch(tmp: Path, model: Path, world: int, scenarios) -> list:
         procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT))
         logs.append(log)
         outs.append(out)
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=900))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            codes.append("timeout")
-    for code, log in zip(codes, logs):
-        assert code == 0, f"verl worker failed ({code}):\n" + log.read_text()[-6000:]
-    return [json.loads(o.read_text()) for o in outs]
+
+    def wait() -> list:
+        codes = []
+        for p in procs:
+            try:
+                codes.append(p.wait(timeout=900))
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                codes.append("timeout")
+        for code, log in zip(codes, logs):
+            assert code == 0, f"verl worker failed ({code}):\n" + log.read_text()[-6000:]
+        return [json.loads(o.read_text()) for o in outs]
+
+    return wait
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +95,21 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_rank(model_dir, tmp_path_factory) -> dict:
-    return _launch(tmp_path_factory.mktemp("one_rank"), model_dir, 1, SINGLE)[0]
+def launches(model_dir, tmp_path_factory) -> dict:
+    """Both launches at once (most of a worker's time is importing verl, which overlaps well)."""
+    waits = {"one_rank": _start(tmp_path_factory.mktemp("one_rank"), model_dir, 1, SINGLE),
+             "two_ranks": _start(tmp_path_factory.mktemp("two_ranks"), model_dir, 2, MULTI)}
+    return {name: wait() for name, wait in waits.items()}
 
 
 @pytest.fixture(scope="module")
-def two_ranks(model_dir, tmp_path_factory) -> list:
-    return _launch(tmp_path_factory.mktemp("two_ranks"), model_dir, 2, MULTI)
+def one_rank(launches) -> dict:
+    return launches["one_rank"][0]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(launches) -> list:
+    return launches["two_ranks"]
 
 
 def _check_scenario(result: dict, steps: int) -> None:

@@ -42,13 +42,13 @@ VOCAB, PROMPT, RESP = 64, 4, 6
 SEED = 3  # surgery seed
 
 
-def save_tiny_llama(path: str, seed: int = 0) -> None:
+def save_tiny_llama(path: str, seed: int = 0, hidden: int = 16, layers: int = 2) -> None:
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                   tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=256, tie_word_embeddings=False)
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
 
 
@@ -93,7 +93,8 @@ def make_worker(model_dir: str, vendor: str, strategy: str = "fsdp2", loss_wrapp
 
 def make_batch(labels, seed: int, *, micro: int = 4, dynamic: bool = True, packed: bool = True, epochs: int = 1,
                mini_batches: int = 1, shuffle: bool = False, world: int = 1, zero_except=None,
-               entropy: bool = False, ref_log_prob: bool = False):
+               entropy: bool = False, ref_log_prob: bool = False, prompt: int = PROMPT, resp: int = RESP,
+               max_tokens: int = 40):
     """One rank's share of the actor batch, as verl's trainer builds it (ray_trainer._update_actor)."""
     from tensordict import TensorDict
     from tensordict.tensorclass import NonTensorData, NonTensorStack
@@ -102,16 +103,16 @@ def make_batch(labels, seed: int, *, micro: int = 4, dynamic: bool = True, packe
 
     g = torch.Generator().manual_seed(seed)
     n = len(labels)
-    prompts = torch.randint(0, VOCAB, (n, PROMPT), generator=g)
-    responses = torch.randint(0, VOCAB, (n, RESP), generator=g)
-    prompt_len = torch.randint(1, PROMPT + 1, (n,), generator=g)  # left padding
-    resp_len = torch.randint(1, RESP + 1, (n,), generator=g)  # right padding
-    prompt_mask = (torch.arange(PROMPT) >= PROMPT - prompt_len[:, None]).long()
-    response_mask = (torch.arange(RESP) < resp_len[:, None]).long()
+    prompts = torch.randint(0, VOCAB, (n, prompt), generator=g)
+    responses = torch.randint(0, VOCAB, (n, resp), generator=g)
+    prompt_len = torch.randint(1, prompt + 1, (n,), generator=g)  # left padding
+    resp_len = torch.randint(1, resp + 1, (n,), generator=g)  # right padding
+    prompt_mask = (torch.arange(prompt) >= prompt - prompt_len[:, None]).long()
+    response_mask = (torch.arange(resp) < resp_len[:, None]).long()
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    advantages = torch.randn(n, RESP, generator=g) * response_mask
-    old_log_probs = -4.2 + 0.3 * torch.randn(n, RESP, generator=g)
+    advantages = torch.randn(n, resp, generator=g) * response_mask
+    old_log_probs = -4.2 + 0.3 * torch.randn(n, resp, generator=g)
     if zero_except is not None:  # the reference: only this task's tokens carry an advantage
         keep = torch.tensor([label == zero_except for label in labels], dtype=advantages.dtype)
         advantages = advantages * keep[:, None]
@@ -119,7 +120,7 @@ def make_batch(labels, seed: int, *, micro: int = 4, dynamic: bool = True, packe
                      "attention_mask": attention_mask, "position_ids": position_ids, "response_mask": response_mask,
                      "old_log_probs": old_log_probs, "advantages": advantages}, batch_size=[n])
     if ref_log_prob:
-        td["ref_log_prob"] = -4.0 + 0.3 * torch.randn(n, RESP, generator=g)
+        td["ref_log_prob"] = -4.0 + 0.3 * torch.randn(n, resp, generator=g)
     td["data_source"] = NonTensorStack.from_list([NonTensorData(s) for s in labels])  # DataProto.to_tensordict
     tu.assign_non_tensor(td, temperature=1.0)
     td = left_right_2_no_padding(td)
@@ -127,7 +128,8 @@ def make_batch(labels, seed: int, *, micro: int = 4, dynamic: bool = True, packe
     tu.assign_non_tensor(td, calculate_entropy=entropy, distillation_use_topk=False, distillation_only=False,
                          global_batch_size=mini, mini_batch_size=mini, epochs=epochs, seed=42,
                          dataloader_kwargs={"shuffle": shuffle}, compute_loss=True, use_dynamic_bsz=dynamic,
-                         micro_batch_size_per_gpu=micro, max_token_len_per_gpu=40, use_remove_padding=packed)
+                         micro_batch_size_per_gpu=micro, max_token_len_per_gpu=max_tokens,
+                         use_remove_padding=packed)
     return td
 
 
