@@ -292,7 +292,6 @@ def run_entropy_kl(plain, mgs_worker, mgs_rec, plain_rec, single: bool) -> dict:
 
 
 def run_scenarios(rank: int, world: int, model_dir: str, names, out_path: str) -> None:
-    import mgs_kernels as mgs
     from mgs_kernels import reference
 
     plain = make_worker(model_dir, vendor=None)
