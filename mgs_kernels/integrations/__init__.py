@@ -1,6 +1,8 @@
 """Trainer integrations: MGS inside Hugging Face ``Trainer``, TRL ``GRPOTrainer`` and verl's actor update.
 
-    from mgs_kernels.integrations import MGSTrainer, MGSGRPOTrainer, MGSActorAdapter
+    from mgs_kernels.integrations import MGSTrainer, MGSGRPOTrainer, register_engine, MGSActorAdapter
+
+``register_engine`` (verl >= 0.9) imports verl only when called; ``MGSActorAdapter`` (verl <= 0.5) never does.
 
 Everything here is imported lazily: ``import mgs_kernels`` never imports transformers / trl / verl, and
 ``from mgs_kernels.integrations import MGSTrainer`` raises an ImportError that names the missing package.
@@ -19,6 +21,7 @@ _LAZY = {
     "MGSGRPOTrainer": ("trl", "trl", "pip install trl"),
     "TaskSplitter": ("_split", None, None),
     "StatsAccumulator": ("_split", None, None),
+    "register_engine": ("verl", None, None),
     "MGSActorAdapter": ("verl", None, None),
     "task_ids_from_labels": ("verl", None, None),
 }

@@ -1,10 +1,20 @@
-"""verl: MGS inside the actor's PPO/GRPO update (``MGSActorAdapter``).
+"""verl: MGS in the actor update.
 
-verl is not imported here (it pins its own transformers/ray and needs a GPU stack); the adapter only needs
-torch and the actor's ``nn.Module``. It hooks into the per-micro-batch loop the same way the trainer
-integrations do (``TaskSplitter``: graph cut at the model's output, one capture window per task):
+verl >= 0.9 (engine API; tested with 0.9.1): ``register_engine`` registers an MGS subclass of verl's FSDP2
+LM engine in verl's ``EngineRegistry`` under the vendor "mgs"; ``VERL_ENGINE_VENDOR=mgs`` selects it, with no
+change to verl's trainer::
 
-verl <= 0.5 (``verl/workers/actor/dp_actor.py``, ``DataParallelPPOActor.update_policy``)::
+    from mgs_kernels.integrations.verl import register_engine
+    register_engine(["gsm8k", "math", "code"], partition="module", seed=0)   # data_source values
+
+In Ray workers, importing this module registers the engine from the environment variable ``MGS_VERL_OPTIONS``
+(a JSON object: ``{"task_names": [...], "task_key": "data_source", "partition": "module", ...}``); put it,
+``VERL_ENGINE_VENDOR=mgs`` and ``VERL_USE_EXTERNAL_MODULES=mgs_kernels.integrations.verl`` (verl imports
+that module in every process) in the runtime environment. README "verl" has the full recipe; the engine is
+in ``_verl_engine`` (how it hooks into verl), the graph cut in ``_output_cut``.
+
+verl <= 0.5 (``DataParallelPPOActor.update_policy`` in ``verl/workers/actor/dp_actor.py``): patch three lines
+with ``MGSActorAdapter`` (needs only torch and the actor's module; one task per micro-batch under FSDP)::
 
     self.mgs = MGSActorAdapter(self.actor_module, num_tasks=T, task_names=[...], partition="module")
     ...
@@ -16,30 +26,27 @@ verl <= 0.5 (``verl/workers/actor/dp_actor.py``, ``DataParallelPPOActor.update_p
     append_to_dict(metrics, self.mgs.resolve())          # 3. right before self._optimizer_step() (clip + step)
     grad_norm = self._optimizer_step()
 
-verl >= 0.6 (engine API, ``verl/workers/engine/fsdp/transformer_impl.py``): the same three lines go in a
-subclass of ``FSDPEngine``: (2) around ``forward_step(...)`` + ``loss.backward()`` inside
-``forward_backward_batch`` (the micro-batch TensorDict carries ``mgs_task``), (3) at the start of
-``optimizer_step()`` before ``clip_grad_norm_``, and the returned scalars merged into the ``metrics`` dict
-``train_batch`` returns.
-
-The task id: verl keeps each prompt's ``data_source`` as a non-tensor column of the ``DataProto``; map it to
-an int64 tensor once per batch, before the actor update (``task_ids_from_labels``)::
+with the task id tensor made once per batch before the actor update::
 
     batch.batch["mgs_task"] = task_ids_from_labels(batch.non_tensor_batch["data_source"], task_names)
 
-Multi-GPU: with FSDP every micro-batch must hold one task, the same on every rank (sort each mini-batch by
-task and use equal micro-batch counts per task on every rank; verl's ``use_dynamic_bsz`` re-packs rows and
-must be off); ``resolve()`` checks the alignment under FSDP2.
+Multi-GPU with the adapter: every micro-batch must hold one task, the same on every rank (sort each
+mini-batch by task, equal micro-batch counts per task on every rank, ``use_dynamic_bsz`` off, padded
+batches); ``resolve()`` checks the alignment under FSDP2. The engine has none of these limits.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional, Sequence
+import inspect
+import json
+import os
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from .._errors import MGSInputError
 from ._split import TaskSplitter, make_surgery, to_task_ids
 
 
@@ -89,3 +96,80 @@ class MGSActorAdapter:
     def remove(self) -> None:
         self.splitter.remove()
         self.surgery.remove()
+
+
+# ---------------------------------------------------------------------------------------------- verl >= 0.9
+def register_engine(task_names: Sequence[str], *, task_key: str = "data_source", **surgery_options) -> type:
+    """Register the MGS engine in verl's ``EngineRegistry`` (vendor "mgs"); select it with ``VERL_ENGINE_VENDOR=mgs``.
+
+    Args:
+        task_names: the task labels, in task order (values of ``task_key``; ``data_source`` in verl).
+            Metrics use these names (``actor/mgs/<name>/grad_norm``, ...).
+        task_key: the per-sequence column of verl's batch holding the label (a non-tensor column).
+        **surgery_options: passed unchanged to ``ModularGradientSurgery`` (partition, order, seed, eps,
+            exclude, backend, dtype, top_k, ...; ``partition`` defaults to "module"). Unknown names raise here.
+
+    Returns:
+        the engine class (a subclass of verl's ``FSDPEngineWithLMHead``). Calling again replaces the settings
+        for engines built afterwards. Forward-only engines (reference policy) are plain verl.
+    """
+    names = _check_task_names(task_names)
+    if not isinstance(task_key, str) or not task_key:
+        raise MGSInputError(f"task_key must be a non-empty string, got {task_key!r}")
+    _check_surgery_options(surgery_options)
+    try:
+        from . import _verl_engine
+    except ImportError as exc:
+        raise ImportError(
+            f"register_engine needs verl >= 0.9 (pip install verl; tested with 0.9.1): {exc}"
+        ) from exc
+    _verl_engine.configure(names, task_key, surgery_options)
+    return _verl_engine.MGSFSDPEngine
+
+
+def _check_task_names(task_names) -> List[str]:
+    if isinstance(task_names, str) or not isinstance(task_names, (list, tuple)):
+        raise MGSInputError(f"task_names must be a list of strings, got {task_names!r}")
+    names = list(task_names)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise MGSInputError(f"task_names must be a non-empty list of non-empty strings, got {names!r}")
+    if len(set(names)) != len(names):
+        raise MGSInputError(f"task_names has duplicates: {names!r}")
+    return names
+
+
+def _check_surgery_options(options: Dict[str, Any]) -> None:
+    from ..surgery import ModularGradientSurgery
+
+    for reserved in ("model", "num_tasks"):
+        if reserved in options:
+            raise MGSInputError(f"{reserved!r} is set by the engine (the actor module, len(task_names))")
+    try:
+        inspect.signature(ModularGradientSurgery).bind(model=None, num_tasks=1, **options)
+    except TypeError as exc:
+        raise MGSInputError(f"not a ModularGradientSurgery option: {exc}") from None
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def options_from_env(text: str) -> Dict[str, Any]:
+    """``register_engine`` keyword arguments from ``MGS_VERL_OPTIONS`` (a JSON object with "task_names")."""
+    try:
+        options = json.loads(text)
+    except ValueError as exc:
+        raise MGSInputError(f"MGS_VERL_OPTIONS is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(options, dict) or "task_names" not in options:
+        raise MGSInputError(f'MGS_VERL_OPTIONS must be a JSON object with "task_names", got {text!r}')
+    dtype = options.get("dtype")
+    if isinstance(dtype, str):  # JSON has no torch dtypes
+        key = dtype.replace("torch.", "")
+        if key not in _DTYPES:
+            raise MGSInputError(f"MGS_VERL_OPTIONS dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        options["dtype"] = _DTYPES[key]
+    return options
+
+
+if os.environ.get("MGS_VERL_OPTIONS"):
+    register_engine(**options_from_env(os.environ["MGS_VERL_OPTIONS"]))
