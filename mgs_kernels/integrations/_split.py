@@ -237,12 +237,6 @@ class StatsAccumulator:
         return {k: sums[k] / counts[k] for k in sums}
 
 
-def make_surgery(model: nn.Module, num_tasks: int, partition="module", order="random", seed: int = 0,
-                 exclude=None, backend: str = "auto", eps: float = 0.0, dtype=None) -> ModularGradientSurgery:
-    return ModularGradientSurgery(model, num_tasks=num_tasks, partition=partition, order=order, seed=seed,
-                                  exclude=exclude, backend=backend, eps=eps, dtype=dtype)
-
-
 def to_task_ids(values: Sequence, task_names: Optional[Sequence[str]], num_tasks: int) -> torch.Tensor:
     """Task ids from a column: ints in [0, num_tasks), or names looked up in ``task_names``."""
     if isinstance(values, torch.Tensor):

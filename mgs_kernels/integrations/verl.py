@@ -47,7 +47,8 @@ import torch
 from torch import nn
 
 from .._errors import MGSInputError
-from ._split import TaskSplitter, make_surgery, to_task_ids
+from ..surgery import ModularGradientSurgery
+from ._split import TaskSplitter, to_task_ids
 
 
 def task_ids_from_labels(labels: Sequence, task_names: Sequence[str]) -> torch.Tensor:
@@ -61,17 +62,17 @@ class MGSActorAdapter:
     Args:
         actor_module: the actor's model (plain, DDP, or FSDP2-sharded).
         num_tasks: T. task_names: optional names (``data_source`` values) for labels and metrics.
-        partition, order, seed, exclude, backend, eps, dtype: ``ModularGradientSurgery`` options.
         head: the module whose output the loss is built from (default: ``get_output_embeddings()``).
+        **surgery_options: ``ModularGradientSurgery`` options (partition, order, seed, exclude, backend, eps,
+            dtype, method, method_options, ...); partition defaults to "module".
     """
 
     def __init__(self, actor_module: nn.Module, num_tasks: int, task_names: Optional[Sequence[str]] = None,
-                 partition="module", order="random", seed: int = 0, exclude=None, backend: str = "auto",
-                 eps: float = 0.0, dtype=None, head: Optional[nn.Module] = None):
+                 head: Optional[nn.Module] = None, **surgery_options):
         self.num_tasks = num_tasks
         self.task_names = list(task_names) if task_names is not None else None
-        self.surgery = make_surgery(actor_module, num_tasks, partition=partition, order=order, seed=seed,
-                                    exclude=exclude, backend=backend, eps=eps, dtype=dtype)
+        self.surgery = ModularGradientSurgery(actor_module, num_tasks=num_tasks,
+                                              **{"partition": "module", **surgery_options})
         self.splitter = TaskSplitter(self.surgery, actor_module, head=head)
         self.last_stats = None
 
