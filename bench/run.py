@@ -13,7 +13,7 @@ elements, a partition ("tensor" / "module" / "global"), T tasks and a storage dt
   ``triton.testing.do_bench`` (device events, L2 flushed) or, without Triton or for slow calls,
   CUDA events around each call with the L2 flushed in between.
 - gbps: floor bytes / median time, where floor bytes = 2*T*N*bytes read + N*bytes written
-  (the two passes over the [T, N] buffer and the output, DESIGN.md section 1).
+  (the two passes over the [T, N] buffer and the output, docs/design.md section 1).
 - pct_floor: floor time / median time, floor time = floor bytes at the copy bandwidth measured in
   this run (``dst.copy_(src)``, read + write bytes counted, measured at start and before every case;
   the best sample is used). 100% = as fast as a copy of that traffic. It can exceed 100%: a copy also
@@ -350,37 +350,10 @@ def _shrink(bar, n: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ float64 check
-def _pcgrad_weights64(gram: torch.Tensor, order: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """[M, T] PCGrad weights in float64, the DESIGN.md loop vectorised over modules and tasks
-    (checked against ``reference.pcgrad_weights`` at start-up)."""
-    M, T, _ = gram.shape
-    coef = torch.eye(T, dtype=torch.float64, device=gram.device).repeat(M, 1, 1)
-    diag = torch.diagonal(gram, dim1=1, dim2=2)
-    for step in range(T - 1):
-        j = order[:, :, step]
-        d = torch.einsum("mik,mkj->mij", coef, gram).gather(2, j.unsqueeze(-1)).squeeze(-1)  # c_i . G[:, j]
-        gjj = diag.gather(1, j)
-        conflict = (d < 0) & (gjj > eps)
-        delta = torch.where(conflict, d / torch.where(conflict, gjj, torch.ones_like(gjj)), torch.zeros_like(d))
-        coef.scatter_add_(2, j.unsqueeze(-1), -delta.unsqueeze(-1))
-    return coef.sum(1)
-
-
-def _self_check_solver() -> None:
-    g = torch.Generator().manual_seed(1)
-    for T in (2, 3, 5):
-        v = torch.randn(4, T, 7, generator=g, dtype=torch.float64)
-        gram = v @ v.transpose(1, 2)
-        order = mgs_kernels.random_order(4, T, generator=g)
-        want = reference.pcgrad_weights(gram, order)
-        got = _pcgrad_weights64(gram, order)
-        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), "bench float64 solver disagrees with reference"
-
-
 def reference64(grads: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """float64 [N]: modular PCGrad from float64 Gram matrices."""
+    """float64 [N]: modular PCGrad from float64 Gram matrices (the package's one PCGrad solve, in float64)."""
     gram = reference.gram(grads, offsets, torch.float64)
-    weights = _pcgrad_weights64(gram, order.to(grads.device))
+    weights = reference.pcgrad_weights(gram, order.to(grads.device))
     bounds = offsets.tolist()
     out = torch.empty(grads.shape[1], dtype=torch.float64, device=grads.device)
     for m in range(len(bounds) - 1):
@@ -782,7 +755,6 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    _self_check_solver()
     budget = args.budget if args.budget is not None else (0.3 if args.quick else 2.0)
     timer = Timer(device, budget_s=budget, min_reps=5 if args.quick else 10, max_reps=10 if args.quick else 100,
                   flush=args.flush)
