@@ -62,7 +62,9 @@ def _load(name: str, what: str) -> ModuleType:
     try:
         mod = importlib.import_module(f"mgs_kernels.{name}")
     except ImportError as exc:
-        raise ImportError(f"the native {what} module mgs_kernels.{name} is not available ({exc}); {_BUILD_HINT}") from exc
+        raise ImportError(
+            f"the native {what} module mgs_kernels.{name} is not available ({exc}); {_BUILD_HINT}"
+        ) from exc
     for dtype, attr in _CODE_ATTRS.items():
         if getattr(mod, attr, None) != DTYPE_CODES[dtype]:
             raise ImportError(f"mgs_kernels.{name} was built from different sources (dtype codes differ); rebuild it")

@@ -125,10 +125,11 @@ def test_parity_with_torch_backend_and_float64(backend, T, dtype, layout):
     # Gram: float32 accumulation (tf32x3 / exact bf16 products on tensor cores) vs float64
     gram = mgs.segmented_gram(g, off, backend=backend)
     scale = torch.diagonal(gram64, dim1=1, dim2=2).amax(-1).clamp_min(1e-30)[:, None, None]
-    assert ((gram.double().cpu() - gram64).abs() / scale).max().item() < 1e-5, what
+    # (16384-element chunks are summed sequentially in float32 by the CUDA generic kernel: ~1e-5 relative)
+    assert ((gram.double().cpu() - gram64).abs() / scale).max().item() < 5e-5, what
     assert torch.equal(gram, gram.transpose(1, 2)), what
     gram_t = torch_backend.segmented_gram(g, get_plan(off, g.shape[1]))
-    assert ((gram.double() - gram_t.double()).abs().cpu() / scale).max().item() < 1e-5, what
+    assert ((gram.double() - gram_t.double()).abs().cpu() / scale).max().item() < 5e-5, what
     # solve on the same Gram as the torch backend: same decisions away from knife edges
     w = mgs.pcgrad_weights(gram, order=table, backend=backend)
     w_t = torch_backend.pcgrad_weights(gram, table, 0.0)
@@ -369,7 +370,8 @@ def test_tensor_core_gram_on_a_2_22_module(backend, T, dtype):
         ref = g64[:, b[m]:b[m + 1]] @ g64[:, b[m]:b[m + 1]].T
         scale = ref.diagonal().max().clamp_min(1e-30)
         err = ((gram[m].double() - ref).abs() / scale).max().item()
-        assert err < 2e-5, f"module {m}: relative error {err:.2e}"
+        # plain tf32 (10-bit mantissa) products would be off by ~1e-3: tf32x3 / exact bf16 products are not
+        assert err < 5e-5, f"module {m}: relative error {err:.2e}"
 
 
 def test_more_than_2_31_elements(backend):

@@ -5,10 +5,11 @@ so each kernel is compiled with exactly the block sizes / warps / stages / const
 specialization a GPU launch of the same shapes gets: the Gram, solve and reduction for T in {1, 2, 3, 4, 8,
 9, 16, 32, 64} and up to ``max_tasks(dtype)``, the combine and fused step for a subset of those T (their
 configuration does not depend on T; MGS_OFFLINE_FULL=1 compiles every T), each storage dtype, the aligned
-layout (padded row stride) on both targets and the offset / unaligned layouts on sm_90. Triton's bundled ptxas reports registers, spills and shared memory.
-Asserted: shared memory within SMEM_FRACTION of the target's opt-in limit (and within the launcher's own
-estimate for the tl.dot Gram), no register spills in the streaming kernels (Gram, combine, fused step),
-16-byte vector global loads in the aligned (and offset) layouts, IEEE division only in the solve and step.
+layout (padded row stride) on both targets and the offset / unaligned layouts on sm_90. Triton's bundled
+ptxas reports registers, spills and shared memory. Asserted: shared memory within SMEM_FRACTION of the
+target's opt-in limit (and within the launcher's own estimate for the tl.dot Gram), no register spills in
+the streaming kernels (Gram, combine, fused step), 16-byte vector global loads in the aligned (and offset)
+layouts, IEEE division only (no div.full / div.approx) in every kernel.
 
 CUDA: ``nvcc -Xptxas -v`` of csrc/cuda/mgs_cuda.cu for sm_80 and sm_90: every kernel instantiation's
 registers, spills and static shared memory.
@@ -79,17 +80,6 @@ def _cases():
     return cases
 
 
-def _worker_init():
-    os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
-
-
-def _compile(case):
-    from mgs_kernels.triton import _offline
-
-    T, dtype, layout, arch, kernels = case
-    return _offline.compile_case(T, dtype, layout, arch, kernels)
-
-
 def _ptxas_available() -> bool:
     try:
         from triton.backends.nvidia.compiler import get_ptxas
@@ -108,9 +98,18 @@ def triton_rows(tmp_path_factory) -> List[Dict]:
         pytest.skip("Triton's NVIDIA backend / bundled ptxas is not available")
     _start_nvcc(tmp_path_factory)  # the CUDA compile runs alongside the Triton workers
     t0 = time.time()
-    ctx = mp.get_context("spawn")  # fresh interpreters: kernels decorated for compilation
-    with cf.ProcessPoolExecutor(WORKERS, mp_context=ctx, initializer=_worker_init) as pool:
-        rows = [r for chunk in pool.map(_compile, _cases()) for r in chunk]
+    # Fresh interpreters ("spawn") that import triton with TRITON_INTERPRET unset, so the kernels are
+    # decorated for compilation (other test modules of this session set it for the interpreter). The
+    # workers inherit the environment when they start, inside this block.
+    from mgs_kernels.triton._offline import compile_case_tuple  # (pickled by name for the workers)
+
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with cf.ProcessPoolExecutor(WORKERS, mp_context=mp.get_context("spawn")) as pool:
+            rows = [r for chunk in pool.map(compile_case_tuple, _cases()) for r in chunk]
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
     print(f"\noffline Triton compiles: {len(rows)} kernels in {time.time() - t0:.0f} s ({WORKERS} workers)")
     return rows
 

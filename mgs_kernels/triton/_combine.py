@@ -4,9 +4,9 @@
 its module from the table (no search), walks its chunk in BLOCK_N-aligned blocks (unmasked, vector
 loads inside; masked head / tail), loads T_BLOCK task rows at a time and writes one BLOCK_N slice of
 ``out`` in the output's dtype. A misaligned base (``grads = buf[:, 1:]``) is viewed from the preceding
-16-byte boundary (``_aligned_view``) so that the blocks stay provably aligned. Every task is always read and multiplied (a zero weight times an Inf
-gives NaN, so non-finite gradients always reach the output); padding rows / columns are masked loads
-with other=0 and weight 0, never real data times 0.
+16-byte boundary (``_aligned_view``) so that the blocks stay provably aligned. Every task is always read
+and multiplied (a zero weight times an Inf gives NaN, so non-finite gradients always reach the output);
+padding rows / columns are masked loads with other=0 and weight 0, never real data times 0.
 
 In place: ``out`` may be a row of ``grads``. A program reads all T rows of a block before it stores
 that block, and programs own disjoint columns, so no element is overwritten before it is read.

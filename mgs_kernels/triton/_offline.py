@@ -287,6 +287,11 @@ def _run_ptxas(ptx: str, arch: int, options) -> str:
         return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
 
 
+def compile_case_tuple(case: tuple) -> List[dict]:
+    """``compile_case(*case)``: the picklable entry point of worker processes."""
+    return compile_case(*case)
+
+
 def compile_case(T: int, dtype: str, layout: str, arch: int, kernels=KERNELS) -> List[dict]:
     """Compile every launch of ``launches(T, dtype, layout, arch)`` whose kernel is in ``kernels``."""
     rows = []
