@@ -225,6 +225,22 @@ def markdown_table(triton_rows: List[Dict], cuda_rows: List[Dict]) -> str:
     for r in sorted(cuda_rows, key=lambda r: (_short(r["kernel"]), -r["arch"])):
         lines.append(f"| `{_short(r['kernel'])}` | sm_{r['arch']} | {r['regs']} | {r['smem']:,} | {r['stack']} | "
                      f"{r['spill_stores']}/{r['spill_loads']} |")  # fmt: skip
+    lines += [
+        "",
+        "## What this proves, and what only a GPU run can",
+        "",
+        "Proven here, without a GPU: every kernel compiles for sm_90 and sm_80 with the configurations the",
+        "launchers choose; shared memory fits each target's limit with margin; the streaming kernels (Gram,",
+        "combine, fused step; every CUDA kernel) do not spill registers; aligned layouts get 16-byte vector loads",
+        "(cp.async on the tensor-core Gram) and misaligned bases keep them; every Triton division is IEEE. The",
+        "arithmetic of the Triton kernels is checked in Triton's CPU interpreter, the native CPU kernels run.",
+        "",
+        "Only a GPU run proves (`bash bench/gpu_check.sh`: `tests/test_gpu.py`, `python -m mgs_kernels.doctor`,",
+        "`bench/run.py`): that the compiled kernels compute the right values on the hardware (native CUDA kernels",
+        "have never run), loading on the installed driver, speed and % of the bandwidth floor (the dispatch",
+        "preferences are estimates until then), CUDA-graph capture, a second device, N > 2^31, and the accuracy",
+        "of long tensor-core accumulations.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,9 @@
 Two launches, deterministic, no float atomics:
 
 1. ``_gram_partial_kernel``, grid (K,): program k reads chunk k of the chunk table (a piece of one
-   module, at most ``chunk_size`` elements) and writes its T x T partial Gram to ``partial[k]``.
+   module, at most ``chunk_size`` elements) and writes its T x T partial Gram to ``partial[k]``. A
+   misaligned base (``grads = buf[:, 1:]``) is viewed from the preceding 16-byte boundary with the
+   columns shifted by ``col0`` (``_aligned_view``), so full blocks stay provably aligned (vector loads).
 2. ``_gram_reduce_kernel``, grid (M, cdiv(T*T, TT_BLOCK)): program (m, b) sums the partials of
    module m's chunks ``first[m]:first[m+1]`` in a fixed order (blocks of C_BLOCK chunks, each block
    tree-summed the same way on every run) and writes entries of G[m]; an empty module owns no chunks
