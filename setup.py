@@ -201,7 +201,7 @@ def _extensions():
         cpu = Extension(
             "mgs_kernels._mgs_cpu",
             sources=["csrc/cpu/mgs_cpu.cpp", "python_api/mgs_cpu_module.cpp"],
-            depends=["csrc/cpu/mgs_cpu.h", "csrc/mgs_fused_step.h"],
+            depends=["csrc/cpu/mgs_cpu.h", "csrc/mgs_fused_step.h", "python_api/fused_step_desc.h"],
             language="c++",
         )
         cpu.mgs_mode = BUILD_CPU
@@ -216,7 +216,8 @@ def _extensions():
             cuda = Extension(
                 "mgs_kernels._mgs_cuda",
                 sources=["python_api/mgs_cuda_module.cpp"],
-                depends=["csrc/cuda/mgs_cuda.h", "csrc/cuda/mgs_cuda.cu", "csrc/mgs_fused_step.h"],
+                depends=["csrc/cuda/mgs_cuda.h", "csrc/cuda/mgs_cuda.cu", "csrc/mgs_fused_step.h",
+                         "python_api/fused_step_desc.h"],
                 language="c++",
             )
             cuda.mgs_mode = BUILD_CUDA

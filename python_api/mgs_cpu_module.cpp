@@ -9,6 +9,7 @@
 
 #include "../csrc/cpu/mgs_cpu.h"
 #include "../csrc/mgs_fused_step.h"
+#include "fused_step_desc.h"
 
 namespace py = pybind11;
 
@@ -102,25 +103,13 @@ PYBIND11_MODULE(_mgs_cpu, m) {
   m.def("auto_cache_bytes", &mgs_cpu::auto_cache_bytes, py::arg("working_set_bytes"), py::arg("num_threads") = 0,
         "budget used for cache_bytes < 0: 0 when the working set fits in half the LLC, else default_cache_bytes");
 
+  mgs_bind::bind_fused_step_desc(m);
   m.def(
       "fused_step",
-      [](std::uintptr_t grads, int dtype, int64_t T, int64_t row_stride, std::uintptr_t chunk_start,
-         std::uintptr_t chunk_len, std::uintptr_t chunk_slot, std::uintptr_t slot_first, int64_t num_chunks, int64_t S,
-         std::uintptr_t active, std::uintptr_t slot_weights, std::uintptr_t param_ptr, std::uintptr_t state1_ptr,
-         std::uintptr_t state2_ptr, std::uintptr_t state3_ptr, std::uintptr_t hyper, std::uintptr_t grad_out,
-         int out_dtype, int kind, int num_threads) {
+      [](const mgs_fused::StepDesc& desc, int num_threads) {
         py::gil_scoped_release nogil;
-        mgs_cpu::fused_step(ptr<const void>(grads), dtype, T, row_stride, ptr<const int64_t>(chunk_start),
-                            ptr<const int64_t>(chunk_len), ptr<const int64_t>(chunk_slot),
-                            ptr<const int64_t>(slot_first), num_chunks, S, ptr<const int32_t>(active),
-                            ptr<const float>(slot_weights), ptr<const int64_t>(param_ptr),
-                            ptr<const int64_t>(state1_ptr), ptr<const int64_t>(state2_ptr),
-                            ptr<const int64_t>(state3_ptr), ptr<const float>(hyper), ptr<void>(grad_out), out_dtype,
-                            kind, num_threads);
+        mgs_cpu::fused_step(desc, num_threads);
       },
-      py::arg("grads"), py::arg("dtype"), py::arg("T"), py::arg("row_stride"), py::arg("chunk_start"),
-      py::arg("chunk_len"), py::arg("chunk_slot"), py::arg("slot_first"), py::arg("num_chunks"), py::arg("S"),
-      py::arg("active"), py::arg("slot_weights"), py::arg("param_ptr"), py::arg("state1_ptr"),
-      py::arg("state2_ptr"), py::arg("state3_ptr"), py::arg("hyper"), py::arg("grad_out"), py::arg("out_dtype"),
-      py::arg("kind"), py::arg("num_threads"));
+      py::arg("desc"), py::arg("num_threads"),
+      "one fused optimizer step over the slots of desc (a FusedStepDesc of host pointers)");
 }

@@ -12,6 +12,7 @@
 
 #include "../csrc/cuda/mgs_cuda.h"
 #include "../csrc/mgs_fused_step.h"
+#include "fused_step_desc.h"
 
 namespace py = pybind11;
 
@@ -39,7 +40,14 @@ PYBIND11_MODULE(_mgs_cuda, m) {
   m.attr("NO_OUTPUT") = mgs_fused::kNoOutput;
   m.def("chunk_elems", &mgs_cuda::chunk_elems, py::arg("T"));
   m.def("partial_size", &mgs_cuda::partial_size, py::arg("T"));
-  m.def("runtime_info", &mgs_cuda::runtime_info);
+  m.def("runtime_info", &mgs_cuda::runtime_info, "runtime / driver versions, device count, architectures");
+  m.def("compiled_archs", &mgs_cuda::compiled_archs, "the architectures compiled into this module");
+  m.def("runtime_error", &mgs_cuda::runtime_error,
+        "'' when the module can run here (driver, devices, architectures), else why not; creates no context");
+  m.def("device_error", &mgs_cuda::device_error, py::arg("index"),
+        "'' when device index exists and has code in this module, else why not; creates no context");
+  m.def("probe_device", &mgs_cuda::probe_device, py::arg("index"),
+        "run a tiny kernel on device index (creates its context, synchronises): '' or the CUDA error");
 
   m.def(
       "segmented_gram",
@@ -93,29 +101,17 @@ PYBIND11_MODULE(_mgs_cuda, m) {
       py::arg("chunk_len"), py::arg("chunk_module"), py::arg("num_chunks"), py::arg("weights"), py::arg("out"),
       py::arg("out_dtype"), py::arg("stream"));
 
+  mgs_bind::bind_fused_step_desc(m);
   m.def(
       "fused_step",
-      [](std::uintptr_t grads, int dtype, int64_t T, int64_t row_stride, std::uintptr_t chunk_start,
-         std::uintptr_t chunk_len, std::uintptr_t chunk_slot, std::uintptr_t slot_first, int64_t num_chunks, int64_t S,
-         std::uintptr_t active, std::uintptr_t slot_weights, std::uintptr_t param_ptr, std::uintptr_t state1_ptr,
-         std::uintptr_t state2_ptr, std::uintptr_t state3_ptr, std::uintptr_t hyper, std::uintptr_t grad_out,
-         int out_dtype, int kind, std::uintptr_t stream) {
+      [](const mgs_fused::StepDesc& desc, std::uintptr_t stream) {
         std::string err;
         {
           py::gil_scoped_release nogil;
-          err = mgs_cuda::fused_step(ptr<const void>(grads), dtype, T, row_stride, ptr<const int64_t>(chunk_start),
-                                     ptr<const int64_t>(chunk_len), ptr<const int64_t>(chunk_slot),
-                                     ptr<const int64_t>(slot_first), num_chunks, S, ptr<const int32_t>(active),
-                                     ptr<const float>(slot_weights), ptr<const int64_t>(param_ptr),
-                                     ptr<const int64_t>(state1_ptr), ptr<const int64_t>(state2_ptr),
-                                     ptr<const int64_t>(state3_ptr), ptr<const float>(hyper), ptr<void>(grad_out),
-                                     out_dtype, kind, ptr<void>(stream));
+          err = mgs_cuda::fused_step(desc, ptr<void>(stream));
         }
         check(err);
       },
-      py::arg("grads"), py::arg("dtype"), py::arg("T"), py::arg("row_stride"), py::arg("chunk_start"),
-      py::arg("chunk_len"), py::arg("chunk_slot"), py::arg("slot_first"), py::arg("num_chunks"), py::arg("S"),
-      py::arg("active"), py::arg("slot_weights"), py::arg("param_ptr"), py::arg("state1_ptr"),
-      py::arg("state2_ptr"), py::arg("state3_ptr"), py::arg("hyper"), py::arg("grad_out"), py::arg("out_dtype"),
-      py::arg("kind"), py::arg("stream"));
+      py::arg("desc"), py::arg("stream"),
+      "one fused optimizer step over the slots of desc (a FusedStepDesc of device pointers), on stream");
 }

@@ -224,16 +224,31 @@ def test_more_than_max_tasks_falls_back_to_reference(monkeypatch):
 def test_native_rejects_bad_tables():
     pair = Pair("adamw", torch.float32)
     args = pair.prepare(pair.load(), False)[0]
-    raw, keep = _native.fused_step_args(args)
+    (desc,), keep = _native.fused_step_args(args)
     lib = _native.cpu()
+    desc.kind = 7
     with pytest.raises(ValueError, match="optimizer kind"):
-        lib.fused_step(*raw[:-1], 7, 1)
+        lib.fused_step(desc, 1)
+    (desc,), keep = _native.fused_step_args(args)
     bad_ptr = args.state1_ptr.clone()
     bad_ptr[0] = 0
-    raw = list(raw)
-    raw[13] = bad_ptr.data_ptr()
+    desc.state1_ptr = bad_ptr.data_ptr()
     with pytest.raises(ValueError, match="lacks a parameter or state pointer"):
-        lib.fused_step(*raw, 1)
+        lib.fused_step(desc, 1)
+
+
+def test_native_arguments_are_one_descriptor():
+    pair = Pair("adamw", torch.bfloat16)
+    args = pair.prepare(pair.load(), True)[0]
+    raw, keep = _native.fused_step_args(args)
+    assert len(raw) == 1
+    (desc,) = raw
+    assert isinstance(desc, _native.cpu().FusedStepDesc)
+    assert desc.grads == args.grads.data_ptr() and desc.row_stride == args.grads.stride(0)
+    assert desc.T == args.grads.shape[0] and desc.num_slots == args.num_slots
+    assert desc.num_chunks == args.chunks.num_chunks and desc.kind == args.kind
+    assert desc.grad_out == args.grad_out.data_ptr() and desc.out_dtype == _native.dtype_code(torch.bfloat16)
+    assert desc.param_ptr == args.param_ptr.data_ptr() and desc.hyper == args.hyper.data_ptr()
 
 
 def test_fused_constants_checked_at_load():

@@ -351,18 +351,8 @@ CombineChunkFn combine_chunk_fn(int dtype, int out_dtype) {
 constexpr int64_t kStepBlock = 1024;
 using mgs_fused::kNumHyper;
 
-struct FusedCtx {
-  const void* grads;
-  int64_t T, row_stride;
-  const int64_t *chunk_start, *chunk_len, *chunk_slot, *slot_first;
-  const int32_t* active;
-  const float* weights;
-  const int64_t *param_ptr, *state1_ptr, *state2_ptr, *state3_ptr;
-  const float* hyper;
-  void* out;
-  int out_dtype;
-  int kind;
-};
+// The launch descriptor is the context of every chunk (fields in ../mgs_fused_step.h).
+using FusedCtx = mgs_fused::StepDesc;
 
 template <int DT>
 MGS_INLINE void step_accumulate(const void* grads_v, int64_t T, int64_t rs, int64_t n0, int64_t n,
@@ -510,7 +500,7 @@ MGS_INLINE void fused_chunk_impl(const FusedCtx& c, int64_t k) {
   const int64_t start = c.chunk_start[k], len = c.chunk_len[k];
   const int64_t off = start - c.chunk_start[c.slot_first[s]];  // offset of the chunk inside its parameter
   const float* h = c.hyper + s * kNumHyper;
-  const float* w = c.weights + s * c.T;
+  const float* w = c.slot_weights + s * c.T;
   auto at = [&](const int64_t* ptrs) -> float* {
     return ptrs[s] ? reinterpret_cast<float*>(static_cast<std::uintptr_t>(ptrs[s])) + off : nullptr;
   };
@@ -524,9 +514,9 @@ MGS_INLINE void fused_chunk_impl(const FusedCtx& c, int64_t k) {
     const int64_t n0 = start + b;
     step_accumulate<DT>(c.grads, c.T, c.row_stride, n0, n, w, acc);
     switch (c.out_dtype) {
-      case kFloat32: step_store<kFloat32>(c.out, n0, n, acc); break;
-      case kBFloat16: step_store<kBFloat16>(c.out, n0, n, acc); break;
-      case kFloat16: step_store<kFloat16>(c.out, n0, n, acc); break;
+      case kFloat32: step_store<kFloat32>(c.grad_out, n0, n, acc); break;
+      case kBFloat16: step_store<kBFloat16>(c.grad_out, n0, n, acc); break;
+      case kFloat16: step_store<kFloat16>(c.grad_out, n0, n, acc); break;
       default: break;  // no grad_out
     }
     update_block(c, h, p + b, s1 ? s1 + b : nullptr, s2 ? s2 + b : nullptr, s3 ? s3 + b : nullptr, acc, n);
@@ -590,7 +580,8 @@ void solve_module(const float* G, const int64_t* ord, int64_t T, float eps, floa
     const int64_t* oi = ord + i * (T - 1);
     for (int64_t s = 0; s < T - 1; ++s) {
       const int64_t j = oi[s];
-      if (j < 0 || j >= T) continue;  // malformed table: never read out of bounds
+      // Malformed entry (outside [0, T) or the task itself): skipped, never read (every backend does this).
+      if (j < 0 || j >= T || j == i) continue;
       const float* Gj = G + j * T;    // row j (= column j: G is symmetric), as the torch backend reads it
       float d = 0.f;
       for (int64_t k = 0; k < T; ++k) d += c[k] * Gj[k];
@@ -799,36 +790,33 @@ void modular_pcgrad(const void* grads, int dtype, int64_t T, int64_t row_stride,
   }
 }
 
-void fused_step(const void* grads, int dtype, int64_t T, int64_t row_stride, const int64_t* chunk_start,
-                const int64_t* chunk_len, const int64_t* chunk_slot, const int64_t* slot_first, int64_t num_chunks,
-                int64_t S, const int32_t* active, const float* slot_weights, const int64_t* param_ptr,
-                const int64_t* state1_ptr, const int64_t* state2_ptr, const int64_t* state3_ptr, const float* hyper,
-                void* grad_out, int out_dtype, int kind, int num_threads) {
+void fused_step(const mgs_fused::StepDesc& d, int num_threads) {
   using namespace mgs_fused;
-  check_tasks(T);
-  const FusedChunkFn fn = fused_chunk_fn(dtype);
-  if (kind != kSGD && kind != kAdam) throw std::invalid_argument("mgs_cpu: unknown optimizer kind " + std::to_string(kind));
-  if (out_dtype != kNoOutput && (out_dtype < 0 || out_dtype > 2))
-    throw std::invalid_argument("mgs_cpu: unknown grad_out dtype code " + std::to_string(out_dtype));
-  if (out_dtype != kNoOutput && grad_out == nullptr) throw std::invalid_argument("mgs_cpu: grad_out is null");
+  check_tasks(d.T);
+  const FusedChunkFn fn = fused_chunk_fn(d.dtype);
+  if (d.kind != kSGD && d.kind != kAdam)
+    throw std::invalid_argument("mgs_cpu: unknown optimizer kind " + std::to_string(d.kind));
+  if (d.out_dtype != kNoOutput && (d.out_dtype < 0 || d.out_dtype > 2))
+    throw std::invalid_argument("mgs_cpu: unknown grad_out dtype code " + std::to_string(d.out_dtype));
+  if (d.out_dtype != kNoOutput && d.grad_out == nullptr) throw std::invalid_argument("mgs_cpu: grad_out is null");
+  const int64_t num_chunks = d.num_chunks, S = d.num_slots;
   if (num_chunks <= 0) return;
   // Validate the slot tables once (cheap: S and K are a few hundred / thousand) before any write.
   for (int64_t k = 0; k < num_chunks; ++k)
-    if (chunk_slot[k] < 0 || chunk_slot[k] >= S)
+    if (d.chunk_slot[k] < 0 || d.chunk_slot[k] >= S)
       throw std::invalid_argument("mgs_cpu: chunk " + std::to_string(k) + " has slot id out of range");
   for (int64_t s = 0; s < S; ++s) {
-    if (active[s] == 0 || slot_first[s] == slot_first[s + 1]) continue;
-    const float* h = hyper + s * kNumHyper;
-    bool ok = param_ptr[s] != 0;
-    if (kind == kSGD && h[kHasMomentum] != 0.f) ok = ok && state1_ptr[s] != 0;
-    if (kind == kAdam) ok = ok && state1_ptr[s] != 0 && state2_ptr[s] != 0 && (h[kAmsgrad] == 0.f || state3_ptr[s] != 0);
+    if (d.active[s] == 0 || d.slot_first[s] == d.slot_first[s + 1]) continue;
+    const float* h = d.hyper + s * kNumHyper;
+    bool ok = d.param_ptr[s] != 0;
+    if (d.kind == kSGD && h[kHasMomentum] != 0.f) ok = ok && d.state1_ptr[s] != 0;
+    if (d.kind == kAdam)
+      ok = ok && d.state1_ptr[s] != 0 && d.state2_ptr[s] != 0 && (h[kAmsgrad] == 0.f || d.state3_ptr[s] != 0);
     if (!ok) throw std::invalid_argument("mgs_cpu: active slot " + std::to_string(s) + " lacks a parameter or state pointer");
   }
-  const FusedCtx ctx{grads, T, row_stride, chunk_start, chunk_len, chunk_slot, slot_first, active, slot_weights,
-                     param_ptr, state1_ptr, state2_ptr, state3_ptr, hyper, grad_out, out_dtype, kind};
   const int nt = resolve_threads(num_threads);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && num_chunks > 1)
-  for (int64_t k = 0; k < num_chunks; ++k) fn(ctx, k);
+  for (int64_t k = 0; k < num_chunks; ++k) fn(d, k);
 }
 
 const char* isa() {

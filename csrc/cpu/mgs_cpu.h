@@ -8,6 +8,8 @@
 #pragma once
 #include <cstdint>
 
+#include "../mgs_fused_step.h"
+
 namespace mgs_cpu {
 
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
@@ -23,7 +25,8 @@ void segmented_gram(const void* grads, int dtype, int64_t T, int64_t row_stride,
                     const int64_t* chunk_len, int64_t num_chunks, const int64_t* chunk_first, int64_t M,
                     float* gram, int num_threads);
 
-// weights[M, T] (float32) from gram[M, T, T] and order[M, T, T-1] (int64): DESIGN.md section 1.
+// weights[M, T] (float32) from gram[M, T, T] and order[M, T, T-1] (int64): DESIGN.md section 1. An order
+// entry outside [0, T) or equal to the visiting task itself is skipped (no projection step, nothing read).
 void pcgrad_weights(const float* gram, const int64_t* order, int64_t M, int64_t T, float eps, float* weights,
                     int num_threads);
 
@@ -62,21 +65,17 @@ int64_t default_cache_bytes(int num_threads = 0);
 constexpr double kLLCFraction = 0.5;
 int64_t auto_cache_bytes(int64_t working_set_bytes, int num_threads = 0);
 
-// Fused optimizer step (the contract of mgs_kernels/_fused_step.py, hyper columns in ../mgs_fused_step.h).
-// Chunks are those of a ChunkTable over parameter slots (chunk_slot[k] = slot id; chunks of slot s are
-// slot_first[s] .. slot_first[s+1]-1, so the slot's flat offset is chunk_start[slot_first[s]]). For every
-// element n of every chunk of an active slot (active[s] != 0):
+// Fused optimizer step (the contract of mgs_kernels/_fused_step.py; the descriptor and the hyper columns are in
+// ../mgs_fused_step.h, pointers are host pointers). For every element n of every chunk of an active slot
+// (active[s] != 0):
 //   g = sum_t slot_weights[s * T + t] * grads[t, n]             (fp32)
 //   grad_out[n] = g                   (when out_dtype != mgs_fused::kNoOutput; grad_out's storage dtype)
 //   SGD / Adam update of the fp32 parameter at param_ptr[s] + (n - slot offset) and its state at
 //   state{1,2,3}_ptr[s] (same offset), with the float32 hyper-parameters hyper[s * kNumHyper + column].
 // Each element's T gradients, parameter and state are read once and written once; no atomics; results do
-// not depend on the thread count. Slots with active[s] == 0 are not touched.
-void fused_step(const void* grads, int dtype, int64_t T, int64_t row_stride, const int64_t* chunk_start,
-                const int64_t* chunk_len, const int64_t* chunk_slot, const int64_t* slot_first, int64_t num_chunks,
-                int64_t S, const int32_t* active, const float* slot_weights, const int64_t* param_ptr,
-                const int64_t* state1_ptr, const int64_t* state2_ptr, const int64_t* state3_ptr, const float* hyper,
-                void* grad_out, int out_dtype, int kind, int num_threads);
+// not depend on the thread count. Slots with active[s] == 0 are not touched. Bad tables throw
+// std::invalid_argument before anything is written.
+void fused_step(const mgs_fused::StepDesc& desc, int num_threads);
 
 // Which instruction-set clone the runtime dispatcher picked ("x86-64-v4", "x86-64-v3", "baseline").
 const char* isa();

@@ -104,22 +104,29 @@ __device__ __forceinline__ void store_vec(typename Tr<OT>::S* out, const float (
   }
 }
 
-// Split a chunk into a scalar head (up to the first vector-aligned element), aligned vectors and a scalar tail.
+// Split a chunk into a scalar head (up to the first 16-byte aligned element), aligned 16-byte vectors and a
+// scalar tail. The head comes from the ADDRESS of the chunk's first element in row 0: when the row stride is a
+// multiple of 16 bytes (rows_ok) every row has the same alignment there, whatever the base pointer or the
+// chunk start, so each chunk takes the vector path on its own (a misaligned view such as grads[:, 1:] or an
+// odd module start only costs the chunk a short scalar head).
 struct Split {
   int64_t head, nvec, tail;  // tail = first element of the scalar tail
 };
-__device__ __forceinline__ Split split_chunk(int64_t start, int64_t len, int vec, bool vec_ok) {
+template <typename S>
+__device__ __forceinline__ Split split_chunk(const S* first, int64_t len, bool rows_ok) {
+  constexpr int VEC = 16 / sizeof(S);
+  const unsigned mis = static_cast<unsigned>(reinterpret_cast<std::uintptr_t>(first) & 15u);
   Split s;
-  if (!vec_ok) {
+  if (!rows_ok || mis % sizeof(S) != 0) {
     s.head = len;
     s.nvec = 0;
     s.tail = len;
     return s;
   }
-  int64_t h = (vec - start % vec) % vec;
+  const int64_t h = mis == 0 ? 0 : static_cast<int64_t>((16u - mis) / sizeof(S));
   s.head = h < len ? h : len;
-  s.nvec = (len - s.head) / vec;
-  s.tail = s.head + s.nvec * vec;
+  s.nvec = (len - s.head) / VEC;
+  s.tail = s.head + s.nvec * VEC;
   return s;
 }
 
@@ -138,14 +145,14 @@ __device__ __forceinline__ void pair_of(int p, int T, int& i, int& j) {
 template <int T, int DT>
 __global__ void __launch_bounds__(kThreads)
     gram_small_kernel(const typename Tr<DT>::S* __restrict__ grads, int64_t rs, const int64_t* __restrict__ cstart,
-                      const int64_t* __restrict__ clen, float* __restrict__ partials, bool vec_ok) {
+                      const int64_t* __restrict__ clen, float* __restrict__ partials, bool rows_ok) {
   using S = typename Tr<DT>::S;
   constexpr int VEC = Tr<DT>::VEC;
   constexpr int P = T * (T + 1) / 2;
   const int64_t k = blockIdx.x;
   const int64_t start = cstart[k];
   const int64_t len = clen[k];
-  const Split sp = split_chunk(start, len, VEC, vec_ok);
+  const Split sp = split_chunk(grads + start, len, rows_ok);
 
   float acc[P];
 #pragma unroll
@@ -306,7 +313,8 @@ __global__ void __launch_bounds__(kMaxTasks)
     const int64_t* oi = order + (m * T + i) * (T - 1);
     for (int s = 0; s < T - 1; ++s) {
       const int64_t j = oi[s];
-      if (j < 0 || j >= T) continue;  // malformed table: never read out of bounds
+      // Malformed entry (outside [0, T) or the task itself): skipped, never read (every backend does this).
+      if (j < 0 || j >= T || j == i) continue;
       const float* Gj = G + j * T;   // row j (= column j), as the torch backend reads it
       float d = 0.f;
       for (int c = 0; c < T; ++c) d = fmaf(C[i][c], Gj[c], d);
@@ -329,7 +337,7 @@ template <int DT, int OT>
 __global__ void __launch_bounds__(kThreads)
     combine_kernel(const typename Tr<DT>::S* grads, int64_t rs, int T, const int64_t* __restrict__ cstart,
                    const int64_t* __restrict__ clen, const int64_t* __restrict__ cmod,
-                   const float* __restrict__ weights, typename Tr<OT>::S* out, bool vec_ok) {
+                   const float* __restrict__ weights, typename Tr<OT>::S* out, bool rows_ok) {
   // grads and out are deliberately not __restrict__: out may be one row of grads.
   using S = typename Tr<DT>::S;
   constexpr int VEC = Tr<DT>::VEC;
@@ -340,7 +348,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t m = cmod[k];
   if (threadIdx.x < T) w[threadIdx.x] = weights[m * T + threadIdx.x];
   __syncthreads();
-  const Split sp = split_chunk(start, len, VEC, vec_ok);
+  Split sp = split_chunk(grads + start, len, rows_ok);
+  // The vector store of out needs out aligned at the same element (true in place, and for out and grads
+  // both allocated aligned); otherwise this chunk runs scalar.
+  constexpr unsigned kOutAlign = VEC * sizeof(typename Tr<OT>::S) < 16 ? VEC * sizeof(typename Tr<OT>::S) : 16;
+  if (sp.nvec > 0 && (reinterpret_cast<std::uintptr_t>(out + start + sp.head) & (kOutAlign - 1u)) != 0)
+    sp = split_chunk(grads + start, len, false);
 
   auto scalar = [&](int64_t e) {
     const int64_t n = start + e;
@@ -380,9 +393,9 @@ std::string check_launch(const char* what) {
   return err == cudaSuccess ? std::string() : cuda_error(what, err);
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
-
 int elem_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+// Every row has the same 16-byte alignment at a given column (the per-chunk vector test then looks at row 0).
+bool rows_vec_ok(int64_t row_stride, int dtype) { return (row_stride * elem_size(dtype)) % 16 == 0; }
 
 std::string check_common(int64_t T, int64_t num_blocks) {
   if (T < 1 || T > kMaxTasks) return "mgs_cuda: number of tasks must be in [1, 64], got " + std::to_string(T);
@@ -395,12 +408,12 @@ std::string launch_gram_partials(const void* grads_v, int64_t T, int64_t rs, con
                                  const int64_t* clen, int64_t num_chunks, float* partials, cudaStream_t stream) {
   using S = typename Tr<DT>::S;
   const S* grads = static_cast<const S*>(grads_v);
-  const bool vec_ok = aligned16(grads) && (rs * elem_size(DT)) % 16 == 0;
+  const bool rows_ok = rows_vec_ok(rs, DT);
   const dim3 grid(static_cast<unsigned>(num_chunks)), block(kThreads);
   switch (T) {
 #define MGS_SMALL(TT)                                                                                 \
   case TT:                                                                                            \
-    gram_small_kernel<TT, DT><<<grid, block, 0, stream>>>(grads, rs, cstart, clen, partials, vec_ok); \
+    gram_small_kernel<TT, DT><<<grid, block, 0, stream>>>(grads, rs, cstart, clen, partials, rows_ok); \
     break;
     MGS_SMALL(1)
     MGS_SMALL(2)
@@ -425,9 +438,8 @@ std::string launch_combine(const void* grads_v, int64_t T, int64_t rs, const int
   using O = typename Tr<OT>::S;
   const S* grads = static_cast<const S*>(grads_v);
   O* out = static_cast<O*>(out_v);
-  const bool vec_ok = aligned16(grads) && (rs * elem_size(DT)) % 16 == 0 && aligned16(out);
   combine_kernel<DT, OT><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
-      grads, rs, static_cast<int>(T), cstart, clen, cmod, weights, out, vec_ok);
+      grads, rs, static_cast<int>(T), cstart, clen, cmod, weights, out, rows_vec_ok(rs, DT));
   return check_launch("segmented combine launch");
 }
 
@@ -461,7 +473,7 @@ struct FusedParams {
   const int64_t* s3ptr;
   const float* hyper;
   void* out;
-  bool rows_vec_ok;  // grads base and row stride allow 16-byte vectors
+  bool rows_vec_ok;  // the row stride is a multiple of 16 bytes (see split_chunk)
 };
 
 struct Hyp {
@@ -578,7 +590,7 @@ __global__ void __launch_bounds__(kThreads, 4) fused_step_kernel(const FusedPara
   float* s3 = use3 ? reinterpret_cast<float*>(static_cast<std::uintptr_t>(a.s3ptr[s])) + off : nullptr;
 
   // Vector path only if every stream is aligned at the first vector element of the chunk.
-  Split sp = split_chunk(start, len, VEC, a.rows_vec_ok);
+  Split sp = split_chunk(grads + start, len, a.rows_vec_ok);
   if (sp.nvec > 0) {
     const int64_t h = sp.head;
     bool ok = aligned_to(p + h, 16) && (!use1 || aligned_to(s1 + h, 16)) && (!use2 || aligned_to(s2 + h, 16)) &&
@@ -588,7 +600,7 @@ __global__ void __launch_bounds__(kThreads, 4) fused_step_kernel(const FusedPara
       constexpr unsigned oal = VEC * osz < 16 ? VEC * osz : 16;
       ok = ok && aligned_to(static_cast<typename Tr<OT>::S*>(a.out) + start + h, oal);
     }
-    if (!ok) sp = split_chunk(start, len, VEC, false);
+    if (!ok) sp = split_chunk(grads + start, len, false);
   }
 
   auto scalar = [&](int64_t e) {
@@ -703,40 +715,37 @@ std::string segmented_combine(const void* grads, int dtype, int64_t T, int64_t r
   return "mgs_cuda: unknown storage dtype codes " + std::to_string(dtype) + " / " + std::to_string(out_dtype);
 }
 
-std::string fused_step(const void* grads, int dtype, int64_t T, int64_t row_stride, const int64_t* chunk_start,
-                       const int64_t* chunk_len, const int64_t* chunk_slot, const int64_t* slot_first,
-                       int64_t num_chunks, int64_t S, const int32_t* active, const float* slot_weights,
-                       const int64_t* param_ptr, const int64_t* state1_ptr, const int64_t* state2_ptr,
-                       const int64_t* state3_ptr, const float* hyper, void* grad_out, int out_dtype, int kind,
-                       void* stream_v) {
-  std::string err = check_common(T, num_chunks);
+std::string fused_step(const mgs_fused::StepDesc& d, void* stream_v) {
+  std::string err = check_common(d.T, d.num_chunks);
   if (!err.empty()) return err;
+  const int kind = d.kind, dtype = d.dtype, out_dtype = d.out_dtype;
   if (kind != mgs_fused::kSGD && kind != mgs_fused::kAdam) return "mgs_cuda: unknown optimizer kind " + std::to_string(kind);
   if (dtype < 0 || dtype > 2) return "mgs_cuda: unknown storage dtype code " + std::to_string(dtype);
   if (out_dtype != mgs_fused::kNoOutput && (out_dtype < 0 || out_dtype > 2))
     return "mgs_cuda: unknown grad_out dtype code " + std::to_string(out_dtype);
-  if (out_dtype != mgs_fused::kNoOutput && grad_out == nullptr) return "mgs_cuda: grad_out is null";
-  if (num_chunks == 0 || S == 0) return err;
+  if (out_dtype != mgs_fused::kNoOutput && d.grad_out == nullptr) return "mgs_cuda: grad_out is null";
+  if (d.num_chunks == 0 || d.num_slots == 0) return err;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_v);
   FusedParams a;
-  a.grads = grads;
-  a.rs = row_stride;
-  a.T = static_cast<int>(T);
+  a.grads = d.grads;
+  a.rs = d.row_stride;
+  a.T = static_cast<int>(d.T);
   a.kind = kind;
-  a.cstart = chunk_start;
-  a.clen = chunk_len;
-  a.cslot = chunk_slot;
-  a.sfirst = slot_first;
-  a.active = active;
-  a.weights = slot_weights;
-  a.pptr = param_ptr;
-  a.s1ptr = state1_ptr;
-  a.s2ptr = state2_ptr;
-  a.s3ptr = state3_ptr;
-  a.hyper = hyper;
-  a.out = grad_out;
-  a.rows_vec_ok = aligned16(grads) && (row_stride * elem_size(dtype)) % 16 == 0;
+  a.cstart = d.chunk_start;
+  a.clen = d.chunk_len;
+  a.cslot = d.chunk_slot;
+  a.sfirst = d.slot_first;
+  a.active = d.active;
+  a.weights = d.slot_weights;
+  a.pptr = d.param_ptr;
+  a.s1ptr = d.state1_ptr;
+  a.s2ptr = d.state2_ptr;
+  a.s3ptr = d.state3_ptr;
+  a.hyper = d.hyper;
+  a.out = d.grad_out;
+  a.rows_vec_ok = rows_vec_ok(d.row_stride, dtype);
   const int ot = out_dtype == mgs_fused::kNoOutput ? kNoOut : out_dtype;
+  const int64_t num_chunks = d.num_chunks;
 #define MGS_FUSED(DT, OT) \
   if (dtype == DT && ot == OT) return launch_fused_step<DT, OT>(a, num_chunks, stream);
 #define MGS_FUSED_ROW(DT) MGS_FUSED(DT, kFloat32) MGS_FUSED(DT, kBFloat16) MGS_FUSED(DT, kFloat16) MGS_FUSED(DT, kNoOut)
@@ -758,7 +767,106 @@ std::string runtime_info() {
   err = cudaGetDeviceCount(&count);
   info += " devices=" + (err == cudaSuccess ? std::to_string(count) : std::string(cudaGetErrorName(err)));
   if (err != cudaSuccess) cudaGetLastError();  // clear the sticky-free error state
+  info += " archs=" + compiled_archs();
   return info;
+}
+
+namespace {
+// Virtual architectures this file was compiled for (nvcc's __CUDA_ARCH_LIST__, e.g. 800,900), ascending.
+constexpr int kArchList[] = {__CUDA_ARCH_LIST__};
+
+std::string version_string(int v) { return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10); }
+
+std::string arch_error(int index) {
+  int major = 0, minor = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, index);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, index);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return cuda_error("querying the compute capability", err);
+  }
+  // SASS for sm_XY runs on sm_XZ (Z >= Y); the PTX of the highest architecture is JIT-compiled for newer
+  // GPUs. So a device below the lowest compiled architecture has no image to run.
+  if (major * 100 + minor * 10 < kArchList[0])
+    return "device " + std::to_string(index) + " is sm_" + std::to_string(major) + std::to_string(minor) +
+           ", below this module's lowest architecture sm_" + std::to_string(kArchList[0] / 10) +
+           " (rebuild with MGS_CUDA_ARCHS including " + std::to_string(major) + std::to_string(minor) + ")";
+  return std::string();
+}
+
+__global__ void probe_kernel(int* out, int v) { out[threadIdx.x] = v + static_cast<int>(threadIdx.x); }
+}  // namespace
+
+std::string compiled_archs() {
+  std::string s;
+  for (int a : kArchList) s += (s.empty() ? "" : ",") + std::string("sm_") + std::to_string(a / 10);
+  return s;
+}
+
+std::string runtime_error() {
+  int rt = 0, drv = 0, count = 0;
+  cudaRuntimeGetVersion(&rt);  // the version linked in (static runtime): never fails
+  cudaError_t err = cudaDriverGetVersion(&drv);
+  if (err != cudaSuccess) return cuda_error("querying the CUDA driver version", err);
+  if (drv == 0)
+    return "no CUDA driver is installed (this module links the CUDA " + version_string(rt) + " runtime statically)";
+  if (drv / 1000 < rt / 1000)
+    return "the CUDA driver supports CUDA " + version_string(drv) + " but this module was built with the CUDA " +
+           version_string(rt) + " runtime (needs a driver for CUDA " + std::to_string(rt / 1000) +
+           ".x; update the driver or rebuild with an older toolkit)";
+  err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return cuda_error(("cudaGetDeviceCount (driver for CUDA " + version_string(drv) + ")").c_str(), err);
+  }
+  if (count == 0) return "no CUDA device is visible";
+  std::string first_error;
+  for (int d = 0; d < count; ++d) {
+    const std::string e = arch_error(d);
+    if (e.empty()) return std::string();
+    if (first_error.empty()) first_error = e;
+  }
+  return first_error;  // no device can run this module's code
+}
+
+std::string device_error(int64_t index) {
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return cuda_error("cudaGetDeviceCount", err);
+  }
+  if (index < 0 || index >= count)
+    return "no CUDA device " + std::to_string(index) + " (" + std::to_string(count) + " visible)";
+  return arch_error(static_cast<int>(index));
+}
+
+std::string probe_device(int64_t index) {
+  std::string err = device_error(index);
+  if (!err.empty()) return err;
+  int prev = 0;
+  cudaError_t e = cudaGetDevice(&prev);
+  if (e != cudaSuccess) return cuda_error("cudaGetDevice", e);
+  e = cudaSetDevice(static_cast<int>(index));
+  if (e != cudaSuccess) return cuda_error("cudaSetDevice", e);
+  int* buf = nullptr;
+  int host[32] = {0};
+  e = cudaMalloc(&buf, sizeof(host));
+  if (e == cudaSuccess) {
+    probe_kernel<<<1, 32>>>(buf, 1000);
+    e = cudaGetLastError();
+    if (e == cudaSuccess) e = cudaMemcpy(host, buf, sizeof(host), cudaMemcpyDeviceToHost);  // synchronises
+    cudaFree(buf);
+  }
+  if (e == cudaSuccess) {
+    for (int i = 0; i < 32; ++i)
+      if (host[i] != 1000 + i) err = "the probe kernel on device " + std::to_string(index) + " computed wrong values";
+  } else {
+    err = cuda_error(("a probe kernel on device " + std::to_string(index)).c_str(), e);
+    cudaGetLastError();
+  }
+  cudaSetDevice(prev);
+  return err;
 }
 
 }  // namespace mgs_cuda

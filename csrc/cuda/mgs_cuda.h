@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <string>
 
+#include "../mgs_fused_step.h"
+
 namespace mgs_cuda {
 
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
@@ -25,6 +27,7 @@ std::string segmented_gram(const void* grads, int dtype, int64_t T, int64_t row_
                            const int64_t* chunk_len, int64_t num_chunks, const int64_t* chunk_first, int64_t M,
                            float* partials, float* gram, void* stream);
 
+// order[M, T, T-1]: an entry outside [0, T) or equal to the visiting task itself is skipped (as on the CPU).
 std::string pcgrad_weights(const float* gram, const int64_t* order, int64_t M, int64_t T, float eps, float* weights,
                            void* stream);
 
@@ -32,16 +35,27 @@ std::string segmented_combine(const void* grads, int dtype, int64_t T, int64_t r
                               const int64_t* chunk_start, const int64_t* chunk_len, const int64_t* chunk_module,
                               int64_t num_chunks, const float* weights, void* out, int out_dtype, void* stream);
 
-// Fused optimizer step: the contract of mgs_cpu::fused_step (csrc/cpu/mgs_cpu.h) on device pointers (every
-// table and the param / state pointer arrays live on the device). One block per chunk; no host sync.
-std::string fused_step(const void* grads, int dtype, int64_t T, int64_t row_stride, const int64_t* chunk_start,
-                       const int64_t* chunk_len, const int64_t* chunk_slot, const int64_t* slot_first,
-                       int64_t num_chunks, int64_t S, const int32_t* active, const float* slot_weights,
-                       const int64_t* param_ptr, const int64_t* state1_ptr, const int64_t* state2_ptr,
-                       const int64_t* state3_ptr, const float* hyper, void* grad_out, int out_dtype, int kind,
-                       void* stream);
+// Fused optimizer step: the contract of mgs_cpu::fused_step (csrc/cpu/mgs_cpu.h) on a descriptor of device
+// pointers (every table and the param / state pointer arrays live on the device). One block per chunk; no
+// host sync.
+std::string fused_step(const mgs_fused::StepDesc& desc, void* stream);
 
-// Runtime / driver versions and device count, for diagnostics ("" fields on error).
+// Runtime / driver versions, device count and compiled architectures, for diagnostics (never fails).
 std::string runtime_info();
+
+// The architectures compiled into this module ("sm_80,sm_90").
+std::string compiled_archs();
+
+// "" when this module can run here: a driver new enough for the statically linked runtime, at least one
+// visible device, and a device whose architecture has code in this module. Otherwise why not. Creates no
+// context (version and attribute queries only).
+std::string runtime_error();
+
+// "" when device `index` exists and has code in this module (no context is created), else why not.
+std::string device_error(int64_t index);
+
+// Runs a tiny kernel on device `index` and checks its result (creates the primary context there, and
+// synchronises): "" on success, else the CUDA error. The current device is restored.
+std::string probe_device(int64_t index);
 
 }  // namespace mgs_cuda

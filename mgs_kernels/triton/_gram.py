@@ -3,7 +3,9 @@
 Two launches, deterministic, no float atomics:
 
 1. ``_gram_partial_kernel``, grid (K,): program k reads chunk k of the chunk table (a piece of one
-   module, at most ``chunk_size`` elements) and writes its T x T partial Gram to ``partial[k]``.
+   module, at most ``chunk_size`` elements) and writes its T x T partial Gram to ``partial[k]``. A
+   misaligned base (``grads = buf[:, 1:]``) is viewed from the preceding 16-byte boundary with the
+   columns shifted by ``col0`` (``_aligned_view``), so full blocks stay provably aligned (vector loads).
 2. ``_gram_reduce_kernel``, grid (M, cdiv(T*T, TT_BLOCK)): program (m, b) sums the partials of
    module m's chunks ``first[m]:first[m+1]`` in a fixed order (blocks of C_BLOCK chunks, each block
    tree-summed the same way on every run) and writes entries of G[m]; an empty module owns no chunks
@@ -19,23 +21,10 @@ import triton.language as tl
 
 from .._plan import SegmentPlan
 from . import _config
+from ._launch import _add, _aligned_view, _launch_context
 
 # The mode the triton.jit decorators below ran in (compiled vs. interpreter); see kernels().
 _INTERPRETED = _config.interpreting()
-
-
-# The kernels call Triton builtins only (tl.full, tl.reduce(x, axis, _add); not tl.zeros / tl.sum):
-# tl.zeros and tl.sum are @jit functions of triton.language, decorated when triton is first imported,
-# and raise under TRITON_INTERPRET=1 when triton was imported before it was set (as happens when other
-# test modules load the backends first). _add is triton's own sum combiner, which the interpreter
-# recognises and reduces with numpy (any other combiner runs element by element in Python); on GPU
-# tl.reduce(x, axis, _add) is exactly what tl.sum compiles to.
-_add = getattr(tl.standard, "_sum_combine", None)
-if _add is None:  # pragma: no cover - a Triton without it
-
-    @triton.jit
-    def _add(a, b):
-        return a + b
 
 
 @triton.jit
@@ -62,6 +51,7 @@ def _gram_partial_kernel(
     length_ptr,  # *i64 [K] elements in each chunk
     partial_ptr,  # *f32 [K, T, T] out
     stride_t,  # row stride of grads in elements (int64 when >= 2^31)
+    col0,  # column shift: chunk columns are start + col0 in grads_ptr's frame (see _aligned_view)
     T: tl.constexpr,
     T_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -70,7 +60,7 @@ def _gram_partial_kernel(
     PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    s = tl.load(start_ptr + pid)  # int64: element indices never pass through int32
+    s = tl.load(start_ptr + pid) + col0  # int64: element indices never pass through int32
     e = s + tl.load(length_ptr + pid)
     rows = tl.arange(0, T_PAD)
     row_ok = rows < T
@@ -145,15 +135,6 @@ def _gram_reduce_kernel(
     tl.store(gram_ptr + m * (T * T) + q, acc, mask=q_ok)
 
 
-def _launch_context(t: torch.Tensor):
-    """Launch on the tensor's own GPU (Triton uses the current device and stream)."""
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
 def segmented_gram(
     grads: torch.Tensor,
     plan: SegmentPlan,
@@ -172,7 +153,8 @@ def segmented_gram(
     device = grads.device
     if M == 0:
         return torch.empty(0, T, T, dtype=torch.float32, device=device)
-    cfg = _config.gram_config(T, grads.dtype, force_dot)
+    _config.check_tasks(T, grads.dtype)
+    cfg = _config.gram_config(T, grads.dtype, force_dot, smem=_config.smem_limit(device))
     bn = int(block_n) if block_n is not None else cfg.block_n
     table = plan.chunk_table(chunk_size or _config.chunk_size(N), device)
     K = table.num_chunks
@@ -182,9 +164,10 @@ def segmented_gram(
     partial = torch.empty(K, T, T, dtype=torch.float32, device=device)
     gram = torch.empty(M, T, T, dtype=torch.float32, device=device)
     stride_t = grads.stride(0)
+    rows, col0 = _aligned_view(grads)
     with _launch_context(grads):
         _gram_partial_kernel[(K,)](
-            grads, table.start, table.length, partial, stride_t,
+            rows, table.start, table.length, partial, stride_t, col0,
             T=T, T_PAD=cfg.t_pad, BLOCK_N=bn, USE_DOT=cfg.use_dot, UPCAST=cfg.upcast,
             PRECISION=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

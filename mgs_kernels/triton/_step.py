@@ -27,12 +27,13 @@ groups of one launch. A flag is splat to a block once per program and selects wi
 the state a slot does not use (no memory traffic, and that pointer may be 0). A uniform mask keeps
 the loads vectorized.
 
-Vector loads. Blocks start at the chunk start, so a block's offset within its slot is a multiple of
-the chunk size's power-of-two part and its column in ``grads`` a multiple of the power of two that
-divides every chunk start; the launcher computes both on the host (once per chunk table, one
-device-to-host copy) and checks the 16-byte alignment of every parameter / state pointer (every
-step, host-side pointers) before promising them to the compiler with ``tl.multiple_of``. Only the
-last block of a chunk is masked.
+Vector loads, per chunk. A chunk first peels a masked head of fewer than COL_VEC elements so that its
+task-row column is a multiple of COL_VEC; the kernel then checks on the slot's pointer values (int64
+tables, no host work) whether the parameter and every state it uses are 16-byte aligned at that
+element. If so, the chunk's full blocks run unmasked with ``tl.multiple_of`` hints (16-byte state
+vectors, COL_VEC-element task-row vectors when the row stride allows it); if not, the chunk runs
+through the masked block code, correct for any alignment. One odd-sized or misaligned slot therefore
+costs only its own chunks the vector path, not the whole table.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import triton.language as tl
 
 from .. import _fused_step as _fs
 from . import _config
-from ._gram import _launch_context
+from ._launch import _launch_context
 
 _INTERPRETED = _config.interpreting()  # the mode the triton.jit decorators below ran in
 
@@ -71,7 +72,7 @@ _DECAY = tl.constexpr(_fs.DECAY)
 _NUM_HYPER = tl.constexpr(_fs.NUM_HYPER)
 _SGD = tl.constexpr(_fs.SGD_KIND)
 
-# The largest alignment promised to the compiler: 16 bytes, one vector of 4 fp32 state elements.
+# The alignment the vector path needs: 16 bytes, one vector of 4 fp32 state elements.
 _PTR_ALIGN = 16
 # Task-row columns are promised at most 4-element alignment, also for bf16 / fp16 rows (8-byte
 # vectors): with 8 (16-byte bf16 vectors) Triton gives the rows a wider register layout than the
@@ -131,8 +132,9 @@ def _step_block(
 ):  # fmt: skip
     # g = sum_t w[t] * grads[t, col]: products rounded, summed in task order.
     acc = _load(grads_ptr + col, ok, MASKED).to(tl.float32) * tl.load(w_row)
-    row = grads_ptr
-    for t in tl.static_range(1, T):
+    # A loop, not unrolled (compile time flat in T; the resident warps hide the load latency).
+    row = grads_ptr  # pointer arithmetic: 64-bit offsets even when stride_t is an int32
+    for t in tl.range(1, T):
         row += stride_t
         acc += _load(row + col, ok, MASKED).to(tl.float32) * tl.load(w_row + t)
     if HAS_OUT:
@@ -166,6 +168,12 @@ def _step_block(
 
 
 @triton.jit
+def _aligned(ptr_int, loc):
+    """The fp32 stream at data pointer ptr_int (int64; 0 = unused) is 16-byte aligned at element loc."""
+    return (ptr_int == 0) | ((ptr_int + loc * 4) % 16 == 0)
+
+
+@triton.jit
 def _fused_step_kernel(
     grads_ptr,  # *T [T, N] task rows (unit column stride)
     stride_t,  # row stride of grads in elements (int64 when >= 2^31)
@@ -182,9 +190,7 @@ def _fused_step_kernel(
     KIND: tl.constexpr,  # SGD_KIND / ADAM_KIND
     HAS_OUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    COL_DIV: tl.constexpr,  # every chunk start is a multiple of COL_DIV (elements)
-    LOC_DIV: tl.constexpr,  # every chunk's offset within its slot is a multiple of LOC_DIV
-    PTR_DIV: tl.constexpr,  # every parameter / state pointer is a multiple of PTR_DIV bytes
+    COL_VEC: tl.constexpr,  # elements of one task-row vector (a power of two dividing BLOCK_N)
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_of_ptr + pid).to(tl.int64)
@@ -222,36 +228,52 @@ def _fused_step_kernel(
     coupled_on = wd_on & (decoupled_v == 0)
     decay = _hyper(h, _DECAY, BLOCK_N)
 
-    p_base = tl.load(param_tab + slot).to(tl.pointer_type(tl.float32))
-    s1_base = tl.load(s1_tab + slot).to(tl.pointer_type(tl.float32))
-    s2_base = tl.load(s2_tab + slot).to(tl.pointer_type(tl.float32))
-    s3_base = tl.load(s3_tab + slot).to(tl.pointer_type(tl.float32))
-    if PTR_DIV > 1:
-        p_base = tl.multiple_of(p_base, PTR_DIV)
-        s1_base = tl.multiple_of(s1_base, PTR_DIV)
-        s2_base = tl.multiple_of(s2_base, PTR_DIV)
-        s3_base = tl.multiple_of(s3_base, PTR_DIV)
+    p_int = tl.load(param_tab + slot)
+    s1_int = tl.load(s1_tab + slot)
+    s2_int = tl.load(s2_tab + slot)
+    s3_int = tl.load(s3_tab + slot)
+    p_base = p_int.to(tl.pointer_type(tl.float32))
+    s1_base = s1_int.to(tl.pointer_type(tl.float32))
+    s2_base = s2_int.to(tl.pointer_type(tl.float32))
+    s3_base = s3_int.to(tl.pointer_type(tl.float32))
 
+    # Per chunk, not per table: a scalar head of < COL_VEC elements brings the task-row column to a
+    # multiple of COL_VEC; if every fp32 stream of the slot is 16-byte aligned there too (checked here
+    # on the pointer values), the full blocks after the head run unmasked with alignment hints (vector
+    # loads and stores), else the whole chunk runs through the masked block code (scalar, correct for
+    # any alignment). Only the head and the last partial block are masked on the vector path.
+    head = tl.minimum((COL_VEC - s % COL_VEC) % COL_VEC, n)
+    lv = loc + head
+    vec = _aligned(p_int, lv) & _aligned(s1_int, lv) & _aligned(s2_int, lv) & _aligned(s3_int, lv)
+    nfull = tl.where(vec, (n - head) // BLOCK_N, 0)
     lanes = tl.arange(0, BLOCK_N)
-    full = n // BLOCK_N
-    for j in range(0, full):
-        c0 = tl.multiple_of(s + j * BLOCK_N, COL_DIV)
-        l0 = tl.multiple_of(loc + j * BLOCK_N, LOC_DIV)
-        col = c0 + lanes
-        li = l0 + lanes
+    all_ok = lanes < BLOCK_N
+    sv = s + head
+    p_v = tl.multiple_of(p_base + lv, 16)  # the promise holds wherever the loop below runs
+    s1_v = tl.multiple_of(s1_base + lv, 16)
+    s2_v = tl.multiple_of(s2_base + lv, 16)
+    s3_v = tl.multiple_of(s3_base + lv, 16)
+    for j in range(0, nfull):
+        col = tl.multiple_of(sv + j * BLOCK_N, COL_VEC) + lanes
+        li = j * BLOCK_N + lanes
         _step_block(
-            grads_ptr, stride_t, w_row, out_ptr, col, p_base + li, s1_base + li, s2_base + li, s3_base + li,
-            lanes < BLOCK_N, maximize, wd_on, wd, lr_neg, has_mom, need_buf, first, nesterov, mom, dk,
+            grads_ptr, stride_t, w_row, out_ptr, col, p_v + li, s1_v + li, s2_v + li, s3_v + li,
+            all_ok, maximize, wd_on, wd, lr_neg, has_mom, need_buf, first, nesterov, mom, dk,
             small_w1, w1, w1m1, beta2, omb2, eps, step_neg, bc2, amsgrad, decay_on, coupled_on, decay,
             T, KIND, HAS_OUT, False,
         )  # fmt: skip
-    for j in range(full, (n + BLOCK_N - 1) // BLOCK_N):  # the partial last block, if any
-        off = j * BLOCK_N + lanes
+    # Masked blocks: j = -1 is the head [0, a_len) (vector path only), j >= 0 the blocks of [b0, n).
+    a_len = tl.where(vec, head, 0)
+    b0 = a_len + nfull * BLOCK_N
+    nb = (n - b0 + BLOCK_N - 1) // BLOCK_N
+    for j in range(tl.where(a_len > 0, -1, 0), nb):
+        off = tl.where(j < 0, 0, b0 + j * BLOCK_N) + lanes
+        ok = off < tl.where(j < 0, a_len, n)
         col = s + off
         li = loc + off
         _step_block(
             grads_ptr, stride_t, w_row, out_ptr, col, p_base + li, s1_base + li, s2_base + li, s3_base + li,
-            off < n, maximize, wd_on, wd, lr_neg, has_mom, need_buf, first, nesterov, mom, dk,
+            ok, maximize, wd_on, wd, lr_neg, has_mom, need_buf, first, nesterov, mom, dk,
             small_w1, w1, w1m1, beta2, omb2, eps, step_neg, bc2, amsgrad, decay_on, coupled_on, decay,
             T, KIND, HAS_OUT, True,
         )  # fmt: skip
@@ -260,41 +282,28 @@ def _fused_step_kernel(
 @dataclass(frozen=True)
 class _TableInfo:
     slot_start: torch.Tensor  # int64 [S] on the table's device (0 for a slot without chunks)
-    col_div: int  # power of two (<= 16) dividing every chunk start
-    loc_div: int  # power of two (<= 16) dividing every chunk's offset within its slot
 
 
 _TABLE_INFO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _pow2_div(values, cap: int = 16) -> int:
-    d = cap
-    for v in values:
-        while d > 1 and v % d:
-            d //= 2
-    return d
-
-
 def _table_info(chunks, num_slots: int) -> _TableInfo:
-    """Slot starts and alignments of a chunk table, from its host copy (no device read), cached."""
+    """Slot starts of a chunk table, from its host copy (no device read), cached per table."""
     info = _TABLE_INFO.get(chunks)
     if info is None:
-        start, first, module = chunks.host["start"], chunks.host["first"], chunks.host["module"]
+        start, first = chunks.host["start"], chunks.host["first"]
         slot_start = torch.zeros(num_slots, dtype=torch.int64)
         has = first[1:] > first[:-1]
         slot_start[has] = start[first[:-1][has]]
-        loc = start - slot_start[module.long()]
-        info = _TableInfo(
-            slot_start=slot_start.to(chunks.start.device),
-            col_div=_pow2_div(start.tolist()),
-            loc_div=_pow2_div(loc.tolist()),
-        )
+        info = _TableInfo(slot_start=slot_start.to(chunks.start.device))
         _TABLE_INFO[chunks] = info
     return info
 
 
 def _check_slots(args) -> int:
-    """Validate the host views of the active slots; the pointer alignment (bytes) to promise."""
+    """Validate the host views of the active slots (before anything is launched); returns the smallest
+    power-of-two alignment (bytes, <= 16) of their pointers, for diagnostics: the kernel decides the
+    vector path per chunk from the pointer values themselves."""
     align = _PTR_ALIGN
     for s, p in enumerate(args.param_tensors):
         if p is None:
@@ -325,10 +334,13 @@ def fused_step(args, *, block_n: int | None = None) -> None:
     if grads.stride(1) != 1:  # the task buffer is contiguous; a strided view is read from a copy
         grads = grads.contiguous()
     T = grads.shape[0]
+    if T > _config.max_tasks(grads.dtype):  # beyond the compiled-and-checked range: the plain-torch step
+        _fs.reference_kernel(args)
+        return
     cfg = _config.step_config(T)
     bn = int(block_n or cfg.block_n)
     info = _table_info(chunks, args.num_slots)
-    ptr_div = _check_slots(args)
+    _check_slots(args)
     w = args.slot_weights
     if w.dtype != torch.float32 or not w.is_contiguous():
         w = w.to(torch.float32).contiguous()
@@ -343,7 +355,6 @@ def fused_step(args, *, block_n: int | None = None) -> None:
             grads, grads.stride(0), w, out if out is not None else grads,
             chunks.module, chunks.start, chunks.length, info.slot_start, args.active, hyper,
             args.param_ptr, args.state1_ptr, args.state2_ptr, args.state3_ptr,
-            T=T, KIND=int(args.kind), HAS_OUT=out is not None, BLOCK_N=bn,
-            COL_DIV=min(info.col_div, _COL_VEC, bn), LOC_DIV=min(info.loc_div, bn), PTR_DIV=ptr_div,
+            T=T, KIND=int(args.kind), HAS_OUT=out is not None, BLOCK_N=bn, COL_VEC=min(_COL_VEC, bn),
             num_warps=cfg.num_warps, enable_fp_fusion=False,
         )  # fmt: skip
