@@ -112,6 +112,7 @@ class FusedStep:
         self.device = device
         self._chunks: Optional[ChunkTable] = None
         self._slot_module: Optional[torch.Tensor] = None
+        self._tables = None  # (host key, device tables) of the last step
 
     @property
     def chunks(self) -> ChunkTable:
@@ -230,33 +231,51 @@ class FusedStep:
                 if t is not None:
                     ptr_rows[k + 1][i] = t.data_ptr()
 
-        chunks = self.chunks
-
-        def to_device(t: torch.Tensor) -> torch.Tensor:
-            if device.type == "cuda":
-                return t.pin_memory().to(device, non_blocking=True)
-            return t
-
-        ptrs_dev = to_device(torch.tensor(ptr_rows, dtype=torch.int64))
-        hyper = torch.tensor(hyper_rows, dtype=torch.float64)
+        hyper_host = torch.tensor(hyper_rows, dtype=torch.float64).to(torch.float32)
+        active_dev, ptrs_dev, hyper_dev = self._device_tables(active, ptr_rows, hyper_host)
         return FusedStepArgs(
             kind=kind,
             grads=grads,
-            chunks=chunks,
-            active=to_device(torch.tensor(active, dtype=torch.int32)),
+            chunks=self.chunks,
+            active=active_dev,
             slot_weights=weights.float()[self.slot_module].contiguous(),
             param_ptr=ptrs_dev[0],
             state1_ptr=ptrs_dev[1],
             state2_ptr=ptrs_dev[2],
             state3_ptr=ptrs_dev[3],
-            hyper=to_device(hyper.to(torch.float32)),
+            hyper=hyper_dev,
             grad_out=grad_out,
             num_slots=S,
             param_tensors=param_tensors,
             state_tensors=state_tensors,
             active_host=list(active),
-            hyper_host=hyper.to(torch.float32).tolist(),
+            hyper_host=hyper_host.tolist(),
         )
+
+    def _device_tables(self, active: List[bool], ptr_rows: List[List[int]], hyper_host: torch.Tensor):
+        """(active int32 [S], pointers int64 [4, S], hyper float32 [S, NUM_HYPER]) on the device, re-uploaded
+        only when they changed since the last step (SGD: only on the first steps). Unchanged tables are the
+        same device tensors, so a step captured in a CUDA graph replays them; tables that change every step
+        (Adam's bias corrections) cannot be captured, and say so."""
+        key = (tuple(active), tuple(map(tuple, ptr_rows)), hyper_host)
+        last = self._tables
+        if last is not None and last[0][:2] == key[:2] and torch.equal(last[0][2], key[2]):
+            return last[1]
+        device = self.device
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "step() is being captured in a CUDA graph, but the optimizer's per-step hyper-parameters changed "
+                "since the previous step (e.g. Adam's bias corrections): a replay would reuse stale values. "
+                "Capture step() with SGD, or capture resolve() and step the optimizer with capturable=True."
+            )
+
+        def to_device(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+        tables = (to_device(torch.tensor(active, dtype=torch.int32)),
+                  to_device(torch.tensor(ptr_rows, dtype=torch.int64)), to_device(hyper_host.clone()))
+        self._tables = (key, tables)
+        return tables
 
     def run(self, kernel: Callable[[FusedStepArgs], None], optimizer: torch.optim.Optimizer, grads: torch.Tensor,
             weights: torch.Tensor, touched: Sequence[bool], grad_out: Optional[torch.Tensor]) -> bool:

@@ -77,10 +77,20 @@ _TABLE = [
     Setting("MGS_SELF_CHECK", True, _flag,
             "backend=\"auto\": run a tiny parity check of a native GPU backend the first time it is chosen for a "
             "device in a process, falling back with a warning if it fails (0: skip the check)"),
+    Setting("MGS_VERL_OPTIONS", None, str,
+            "verl: a JSON object of register_engine arguments (task_names, task_key, surgery options); importing "
+            "mgs_kernels.integrations.verl with it set registers the MGS engine (for Ray workers' runtime_env)"),
     Setting("MGS_TEST_SEED", None, _int_at_least(0),
             "tests: replay the random inputs of a run (the seed each test prints)"),
     Setting("MGS_REQUIRE_NATIVE", (), _backend_list,
             "tests: native modules that must be built (e.g. cpu,cuda in CI); otherwise their tests skip"),
+    Setting("MGS_OFFLINE_FULL", False, _flag,
+            "tests/test_offline_compile.py: compile every task count for every kernel (default: the streaming "
+            "kernels at a representative subset)"),
+    Setting("MGS_OFFLINE_TABLE", None, str,
+            "tests/test_offline_compile.py: also write the compile table as Markdown to this path"),
+    Setting("MGS_OFFLINE_WORKERS", 2, _int_at_least(1),
+            "tests/test_offline_compile.py: parallel compile processes"),
     Setting("MGS_BENCH_N", None, _int_at_least(1),
             "bench/test_bench_ops.py: elements of the benchmarked layout"),
 ]
@@ -104,7 +114,7 @@ def table() -> str:
     """Markdown table of the run-time settings (README's table is generated from it)."""
     rows = ["| variable | default | what it does |", "| --- | --- | --- |"]
     for s in _TABLE:
-        default = "unset" if s.default in (None, ()) else str(s.default).replace("True", "1")
+        default = "unset" if s.default in (None, ()) else {True: "1", False: "0"}.get(s.default, str(s.default))
         rows.append(f"| `{s.name}` | {default} | {s.doc} |")
     return "\n".join(rows)
 

@@ -79,6 +79,12 @@ def _check_out_alias(out: torch.Tensor, grads: torch.Tensor) -> None:
     n = grads.shape[1]
     if n == 0 or out.untyped_storage().data_ptr() != grads.untyped_storage().data_ptr():
         return
+    if grads.shape[0] > 1 and grads.stride(0) < n:
+        # expanded (stride 0) or overlapping rows: writing any element of out changes several task values
+        raise MGSInputError(
+            f"out shares storage with grads whose rows overlap (row stride {grads.stride(0)} < N = {n}): "
+            "writing out would change gradients still to be read; use a separate out"
+        )
     esz = grads.element_size()
     lo, hi = out.data_ptr(), out.data_ptr() + n * out.element_size()
     g_lo = grads.data_ptr()

@@ -25,12 +25,16 @@ from .distributed import is_dtensor
 from .partition import ParamSlot, local_tensor
 
 
+# Row stride of the task buffer: a multiple of this many elements.
+ROW_ALIGN = 64
+
+
 class TaskCapture:
     """The [T, N] task-gradient buffer of a surgery and the hooks that fill it.
 
     Attributes:
-        buffer: [T, N] tensor of ``dtype`` on ``device``; row t holds task t's gradient, laid out by the
-            partition's slots.
+        buffer: [T, N] tensor of ``dtype`` on ``device`` (row stride padded to a multiple of ROW_ALIGN);
+            row t holds task t's gradient, laid out by the partition's slots.
         touched: [S] bools, slot s got a gradient from some task since the last reset.
         windows: the task of every window opened since the last reset (the alignment check's input).
         task: the task whose window is open, or None.
@@ -41,7 +45,10 @@ class TaskCapture:
         self.slots = list(slots)
         self.num_tasks = num_tasks
         self.zero_copy = zero_copy
-        self.buffer = torch.zeros(num_tasks, numel, dtype=dtype, device=device)
+        # Rows start on multiples of ROW_ALIGN elements (the row stride is padded), so with the partition's
+        # aligned slots every chunk of every row is 16-byte aligned for the kernels' vector loads.
+        stride = -(-numel // ROW_ALIGN) * ROW_ALIGN
+        self.buffer = torch.zeros(num_tasks, stride, dtype=dtype, device=device)[:, :numel]
         self._rows: List[List[torch.Tensor]] = [
             [self.buffer[t, s.start : s.end].view(s.shape) for s in self.slots] for t in range(num_tasks)
         ]

@@ -36,9 +36,17 @@ _ATTN_NAME = re.compile(r"attn|attention", re.IGNORECASE)
 _MLP_NAME = re.compile(r"mlp|ffn|feed_?forward|moe|experts|dense_?h", re.IGNORECASE)
 
 
+# Elements between slot starts are a multiple of this (16 elements: 64 bytes of fp32, 32 of bf16 / fp16).
+SLOT_ALIGN = 16
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
 @dataclass
 class ParamSlot:
-    """Where one parameter lives: ``buffer[:, start:end].view(shape)``.
+    """Where one parameter lives: ``buffer[:, start:end].view(shape)`` (``start`` a multiple of SLOT_ALIGN).
 
     ``shape`` is the parameter's local shape: its own shape, or for a sharded DTensor parameter
     (FSDP2) the shape of this rank's shard, which may be empty.
@@ -220,6 +228,9 @@ def build_partition(
             kinds.append(kind)
         members[key].append(idx)
 
+    # Every slot starts on a multiple of SLOT_ALIGN elements (>= 16 bytes for every storage dtype), so each
+    # parameter's slice of a task row can be read with vector loads whatever the sizes before it. The gap
+    # after a slot (zeros in every row, never written by a backward) belongs to the slot's module.
     slots: List[ParamSlot] = []
     sizes: List[int] = []
     pos = 0
@@ -229,8 +240,11 @@ def build_partition(
             name, p = params[idx]
             shape = local_tensor(p.detach()).shape
             numel = shape.numel()
+            pos = _round_up(pos, SLOT_ALIGN)
             slots.append(ParamSlot(name, p, m, pos, pos + numel, shape))
             pos += numel
+        if m + 1 < len(keys):
+            pos = _round_up(pos, SLOT_ALIGN)
         sizes.append(pos - start)
     # A group mixing kinds (a "layer" or "global" module) is labelled "mixed".
     for m, key in enumerate(keys):

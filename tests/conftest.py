@@ -22,14 +22,17 @@ import pytest  # noqa: E402
 
 from mgs_kernels import _settings, backends, reference  # noqa: E402
 
-# Where the kernel-level tests run, and every backend that runs there: tests parametrize over this.
+# Where device-aware tests run, and every backend that runs there: tests parametrize over these.
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 BACKENDS = backends.usable_backends(DEVICE)
+# Every backend that runs on CPU tensors (the behaviour matrix of test_ops / test_step; on a machine without
+# a GPU the same list as BACKENDS, Triton included through its interpreter).
+CPU_BACKENDS = backends.usable_backends("cpu")
 
 
 def pytest_report_header(config):
     status = backends.backend_status(DEVICE)
-    lines = [f"mgs_kernels backend matrix on {DEVICE}: {BACKENDS}"]
+    lines = [f"mgs_kernels backend matrix on {DEVICE}: {BACKENDS}; on CPU tensors: {CPU_BACKENDS}"]
     lines += [f"  {name}: {why}" for name, why in status.items() if why]
     return lines
 

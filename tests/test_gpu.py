@@ -271,6 +271,43 @@ def test_fused_step_vs_torch_foreach_and_fused(backend, opt_name, impl, dtype):
                     torch.testing.assert_close(va, ob.state[pb][key], rtol=1e-4, atol=1e-6, msg=f"{key} {name}")
 
 
+# ------------------------------------------------------------------------------------------ no host syncs
+
+
+def test_no_host_sync_in_a_step(backend):
+    # After the first call (which validates and caches the offsets: the one host read), neither the kernel-level
+    # call (random order from a CUDA generator, or a CPU generator through pinned memory) nor a surgery's
+    # resolve() / step() synchronises with the host.
+    T, sizes = 3, [1000, 0, 12_345, 77]
+    off = offsets_from_sizes(sizes).cuda()
+    g = torch.randn(T, sum(sizes), device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    mgs.modular_pcgrad(g, off, generator=gen, backend=backend)
+    model = nn.Sequential(nn.Linear(16, 33), nn.ReLU(), nn.Linear(33, 5)).cuda()
+    s = mgs.ModularGradientSurgery(model, num_tasks=T, backend=backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    xs = torch.randn(T, 8, 16, device="cuda")
+
+    def capture():
+        for t in range(T):
+            with s.capture(t):
+                (model(xs[t]).pow(2).mean() * (1 - t)).backward()
+
+    capture()
+    s.step(opt)  # warm up: plans, slot tables, optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mgs.modular_pcgrad(g, off, generator=gen, backend=backend)
+        mgs.modular_pcgrad(g, off, generator=torch.Generator().manual_seed(1), backend=backend)
+        capture()
+        s.resolve()
+        capture()
+        s.step(opt)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 # ------------------------------------------------------------------------------------------ CUDA graphs
 
 

@@ -1,11 +1,9 @@
-"""The native CPU backend (mgs_kernels._mgs_cpu) against the float64 references.
-
-Skipped when the module is not built (the torch backend is tested elsewhere).
+"""What is specific to the native CPU backend (mgs_kernels._mgs_cpu): its register-tile task counts, up to
+64 tasks, thread-count independence and the cache-blocked schedule. The behaviour every backend shares is
+tests/test_ops.py's matrix. Skipped when the module is not built.
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -103,35 +101,6 @@ def test_weights_match_torch_backend_and_reference(T):
         torch.testing.assert_close(w, w_torch, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", STORAGE)
-@pytest.mark.parametrize("out_dtype", STORAGE)
-def test_combine_matches_reference(dtype, out_dtype):
-    T = 4
-    off = offsets_of(ODD_SIZES)
-    M, N = len(ODD_SIZES), int(off[-1])
-    grads = rand_grads(T, N, dtype, seed=7)
-    weights = torch.randn(M, T, generator=torch.Generator().manual_seed(3))
-    out = torch.full((N,), float("nan"), dtype=out_dtype)
-    res = mk.segmented_combine(grads, off, weights, out=out, backend="cpu")
-    assert res is out
-    module = torch.repeat_interleave(torch.arange(M), off[1:] - off[:-1])
-    ref = (grads.double() * weights.double()[module].T).sum(0)
-    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[out_dtype]
-    scale = grads.double().abs().amax() * weights.abs().sum(1).max().item()
-    assert float((out.double() - ref).abs().max()) <= tol * float(scale)
-
-
-@pytest.mark.parametrize("dtype", STORAGE)
-@pytest.mark.parametrize("T", [1, 2, 3, 4, 8])
-def test_modular_pcgrad_matches_reference(dtype, T):
-    off = offsets_of(ODD_SIZES)
-    grads = rand_grads(T, int(off[-1]), dtype, seed=11 * T)
-    order = mk.random_order(len(ODD_SIZES), T, generator=torch.Generator().manual_seed(T))
-    out = mk.modular_pcgrad(grads, off, order=order, backend="cpu")
-    assert out.dtype == dtype and out.shape == (grads.shape[1],)
-    assert check_output(out, grads, off, order) >= 5
-
-
 def test_modular_pcgrad_many_tasks_and_eps():
     T = 64
     off = offsets_of([5, 0, 200, 77])
@@ -140,125 +109,6 @@ def test_modular_pcgrad_many_tasks_and_eps():
     for eps in (0.0, 1e-12, 30.0):
         out = mk.modular_pcgrad(grads, off, order=order, eps=eps, backend="cpu")
         check_output(out, grads, off, order, eps=eps, rtol=3e-4)
-
-
-def test_more_than_64_tasks_falls_back():
-    off = offsets_of([3, 10])
-    grads = rand_grads(65, 13, torch.float32, seed=0)
-    out = mk.modular_pcgrad(grads, off, order="fixed", backend="cpu")
-    torch.testing.assert_close(out, mk.modular_pcgrad(grads, off, order="fixed", backend="torch"))
-
-
-def test_unaligned_views_with_row_stride():
-    T = 3
-    off = offsets_of([1, 999, 17, 16384, 2])
-    N = int(off[-1])
-    grads = rand_grads(T, N, torch.bfloat16, seed=5, row_pad=9)  # row stride N + 9, odd storage offset
-    assert grads.stride(0) == N + 9 and grads.storage_offset() == 4
-    order = mk.fixed_order(5, T)
-    assert check_output(mk.modular_pcgrad(grads, off, order="fixed", backend="cpu"), grads, off, order) >= 3
-    check_gram(mk.segmented_gram(grads, off, backend="cpu"), grads, off)
-
-
-# ------------------------------------------------------------------------------------------------------
-# special inputs
-
-
-def test_empty_inputs():
-    for sizes in ([], [0], [0, 0, 0]):
-        off = offsets_of(sizes)
-        grads = torch.zeros(3, 0)
-        G = mk.segmented_gram(grads, off, backend="cpu")
-        assert G.shape == (len(sizes), 3, 3) and torch.all(G == 0)
-        assert mk.modular_pcgrad(grads, off, backend="cpu").shape == (0,)
-    w = mk.pcgrad_weights(torch.zeros(0, 3, 3), order="fixed", backend="cpu")
-    assert w.shape == (0, 3)
-
-
-def test_single_task_is_identity():
-    off = offsets_of([3, 0, 1000])
-    grads = rand_grads(1, 1003, torch.float32, seed=1)
-    out = mk.modular_pcgrad(grads, off, backend="cpu")
-    assert torch.equal(out, grads[0])
-
-
-def test_zero_gradients():
-    off = offsets_of([10, 0, 4000])
-    grads = torch.zeros(4, 4010)
-    out = torch.full((4010,), float("nan"))
-    mk.modular_pcgrad(grads, off, out=out, backend="cpu")
-    assert torch.all(out == 0)
-    assert torch.all(mk.segmented_gram(grads, off, backend="cpu") == 0)
-
-
-@pytest.mark.parametrize("dtype", STORAGE)
-def test_exactly_opposite_gradients_cancel(dtype):
-    off = offsets_of([7, 30000])
-    g = rand_grads(1, 30007, dtype, seed=2)
-    grads = torch.cat([g, -g])
-    out = mk.modular_pcgrad(grads, off, order="fixed", backend="cpu")
-    assert float(out.double().abs().max()) <= 1e-6 * float(g.double().abs().max())
-
-
-def test_no_conflict_is_plain_sum():
-    off = offsets_of([100, 5000])
-    grads = rand_grads(3, 5100, torch.float32, seed=3).abs()  # all dot products positive
-    out = mk.modular_pcgrad(grads, off, backend="cpu")
-    torch.testing.assert_close(out, grads.sum(0), rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", STORAGE)
-def test_nan_and_inf_propagate(dtype):
-    T, sizes = 3, [17, 33, 16390]
-    off = offsets_of(sizes)
-    grads = rand_grads(T, sum(sizes), dtype, seed=4)
-    grads[1, 16] = float("inf")  # last element of module 0 (a padded tail)
-    grads[2, 40] = float("nan")
-    G = mk.segmented_gram(grads, off, backend="cpu")
-    assert G[0, 1, 1] == float("inf") and torch.isfinite(G[0, 0, 0]) and torch.isfinite(G[0, 0, 2])
-    assert torch.isnan(G[1, 2, 2]) and torch.isfinite(G[1, 0, 1])
-    assert torch.isfinite(G[2]).all()
-    out = mk.modular_pcgrad(grads, off, order="fixed", backend="cpu")
-    assert not torch.isfinite(out[16]) and torch.isnan(out[40])
-    assert torch.isfinite(out[off[2]:]).all()
-
-
-def test_zero_weight_task_still_propagates_inf():
-    off = offsets_of([5, 5])
-    grads = torch.ones(2, 10)
-    grads[1, 3] = float("inf")
-    weights = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    out = mk.segmented_combine(grads, off, weights, backend="cpu")
-    assert torch.isnan(out[3])  # 0 * inf: the task is not skipped
-    assert torch.all(out[:3] == 1) and torch.all(out[4:5] == 1) and torch.all(out[5:] == 2)
-
-
-# ------------------------------------------------------------------------------------------------------
-# out=, in place, determinism
-
-
-@pytest.mark.parametrize("dtype", STORAGE)
-def test_out_and_in_place(dtype):
-    T = 3
-    off = offsets_of(ODD_SIZES)
-    grads = rand_grads(T, int(off[-1]), dtype, seed=9)
-    order = mk.random_order(len(ODD_SIZES), T, generator=torch.Generator().manual_seed(9))
-    expected = mk.modular_pcgrad(grads, off, order=order, backend="cpu")
-    out = torch.full_like(expected, float("nan"))
-    assert mk.modular_pcgrad(grads, off, order=order, out=out, backend="cpu") is out
-    assert torch.equal(out, expected)
-    for row in range(T):
-        g = grads.clone()
-        res = mk.modular_pcgrad(g, off, order=order, out=g[row], backend="cpu")
-        assert torch.equal(res, expected)
-        assert torch.equal(g[row], expected)
-        others = [r for r in range(T) if r != row]
-        assert torch.equal(g[others], grads[others])
-    # the staged API writes in place too
-    g = grads.clone()
-    w = mk.pcgrad_weights(mk.segmented_gram(g, off, backend="cpu"), order=order, backend="cpu")
-    mk.segmented_combine(g, off, w, out=g[1], backend="cpu")
-    assert torch.equal(g[1], expected)
 
 
 def test_bitwise_deterministic_across_runs_and_thread_counts():
@@ -281,40 +131,9 @@ def test_bitwise_deterministic_across_runs_and_thread_counts():
 
 
 # ------------------------------------------------------------------------------------------------------
-# property test
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+# cache-blocked schedule
 
 
-@settings(deadline=None, max_examples=25)
-@given(
-    T=st.integers(1, 7),
-    sizes=st.lists(st.integers(0, 3000), min_size=0, max_size=7),
-    dtype=st.sampled_from(STORAGE),
-    seed=st.integers(0, 2**31 - 1),
-    in_place=st.booleans(),
-)
-def test_property_matches_reference(T, sizes, dtype, seed, in_place):
-    off = offsets_of(sizes)
-    N = int(off[-1])
-    grads = rand_grads(T, N, dtype, seed=seed)
-    order = mk.random_order(len(sizes), T, generator=torch.Generator().manual_seed(seed))
-    check_gram(mk.segmented_gram(grads, off, backend="cpu"), grads, off)
-    if in_place:
-        g = grads.clone()
-        out = mk.modular_pcgrad(g, off, order=order, out=g[T - 1], backend="cpu")
-    else:
-        out = mk.modular_pcgrad(grads, off, order=order, backend="cpu")
-    check_output(out, grads, off, order)
-    assert math.isfinite(float(out.double().abs().sum()))
-
-
-# ------------------------------------------------------------------------------------------------------
-# cache-blocked schedule of the fused modular_pcgrad (MGS_CPU_CACHE_BYTES, read at call time)
-
-# module sizes (elements): empty modules, chunk edges, modules far larger than the tiny budgets below
 BLOCK_SIZES = [0, 5, 16384, 0, 16385, 3, 40001, 0, 0, 700, 1, 70000, 2, 0]
 BUDGETS = [0, 1, 4096, 100_000, 1 << 20, -1]  # 0: two passes; 1 / 4 KB: every module alone; -1: default
 

@@ -35,13 +35,15 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from mgs_kernels import _settings  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = (90, 80)
 T_BASE = (1, 2, 3, 4, 8, 9, 16, 32, 64)
 DTYPES = ("fp32", "bf16", "fp16")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HOT = ("gram", "combine", "step_sgd", "step_adam")
-WORKERS = max(1, min(int(os.environ.get("MGS_OFFLINE_WORKERS", "2")), os.cpu_count() or 1))
+WORKERS = max(1, min(_settings.get("MGS_OFFLINE_WORKERS"), os.cpu_count() or 1))
 
 
 def _task_counts(dtype: str, base=T_BASE) -> List[int]:
@@ -55,7 +57,7 @@ def _task_counts(dtype: str, base=T_BASE) -> List[int]:
 # T_BASE. The combine and the fused step loop over the task rows with a configuration independent of T
 # (only the combine's T_BLOCK = min(next_pow2(T), 4) varies): a subset covering each distinct shape, unless
 # MGS_OFFLINE_FULL=1 (every T for every kernel).
-FULL = os.environ.get("MGS_OFFLINE_FULL", "0") == "1"
+FULL = _settings.get("MGS_OFFLINE_FULL")
 T_STREAM = T_BASE if FULL else (1, 2, 3, 9, 64)
 
 
@@ -337,7 +339,7 @@ def test_print_and_write_table(triton_rows, cuda_rows, capsys):
     table = markdown_table(triton_rows, cuda_rows)
     with capsys.disabled():
         print("\n" + table)
-    path = os.environ.get("MGS_OFFLINE_TABLE")
+    path = _settings.get("MGS_OFFLINE_TABLE")
     if path:
         with open(path, "w") as f:
             f.write(table)

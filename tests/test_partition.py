@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 import mgs_kernels as mgs
+from mgs_kernels.partition import SLOT_ALIGN
 from models import tiny_model
 
 
@@ -38,13 +40,31 @@ def test_gpt2_module_partition():
     assert p.kinds[:2] == ["embed", "embed"] and p.kinds[-1] == "norm"
 
 
+@pytest.mark.parametrize("partition", ["tensor", "module", "layer", "global"])
+def test_slots_are_aligned_disjoint_and_inside_their_modules(partition):
+    # A 5-way head and odd biases: without alignment every later slot would start at an odd element.
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3), torch.nn.LayerNorm(3))
+    p = names(model, partition)
+    off = p.offsets.tolist()
+    assert off[0] == 0 and off[-1] == p.numel
+    prev_end = 0
+    for sl in p.slots:
+        assert sl.start % SLOT_ALIGN == 0 and sl.start >= prev_end  # aligned, in order, no overlap
+        assert sl.start - prev_end < SLOT_ALIGN  # the gap is alignment only
+        assert off[sl.module] <= sl.start and sl.end <= off[sl.module + 1]
+        assert sl.end - sl.start == sl.param.numel()
+        prev_end = sl.end
+    assert p.numel == prev_end  # no padding after the last slot
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
 def test_tensor_layer_global_and_callable(kind):
     model = tiny_model(kind)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     tensor = names(model, "tensor")
     assert tensor.names == [n for n, _ in params]
-    assert tensor.numel == sum(p.numel() for _, p in params)
+    assert sum(sl.end - sl.start for sl in tensor.slots) == sum(p.numel() for _, p in params)
+    assert tensor.numel < sum(p.numel() for _, p in params) + SLOT_ALIGN * len(params)  # alignment gaps only
     layer = names(model, "layer")
     if kind == "gpt2":
         assert layer.names == ["transformer.wte", "transformer.wpe", "transformer.h.0", "transformer.h.1",
@@ -58,13 +78,13 @@ def test_tensor_layer_global_and_callable(kind):
     assert set(by_kind.names) <= {"weight", "bias"}
 
 
-def test_layout_is_module_contiguous_and_offsets_match_sizes():
+def test_layout_is_module_contiguous_up_to_alignment_and_offsets_match_sizes():
     model = tiny_model("qwen2")
     p = names(model, "module")
     off = p.offsets.tolist()
     pos = 0
     for s in p.slots:
-        assert s.start == pos and s.end - s.start == s.param.numel()
+        assert s.start == -(-pos // SLOT_ALIGN) * SLOT_ALIGN and s.end - s.start == s.param.numel()
         assert off[s.module] <= s.start and s.end <= off[s.module + 1]
         pos = s.end
     assert pos == off[-1]

@@ -11,12 +11,12 @@ import torch
 import mgs_kernels as mgs
 from mgs_kernels import _fused_step
 from mgs_kernels.backends.torch_backend import TorchBackend
-from conftest import BACKENDS
+from conftest import CPU_BACKENDS
 from models import lm_loss, task_batch, tiny_model
 
 # "reference-fused": the torch backend plus the plain-torch fused-step kernel, which checks the shared
 # host side (eligibility, torch-format state, slot tables) independently of any native kernel.
-BACKENDS = BACKENDS + ["reference-fused"]
+BACKENDS = CPU_BACKENDS + ["reference-fused"]
 FUSED_OPTIMIZERS = {"sgd", "sgd_momentum_nesterov_wd", "sgd_dampening_maximize", "adamw", "adam_amsgrad_wd"}
 
 

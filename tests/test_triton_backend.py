@@ -1,4 +1,5 @@
-"""Triton backend against the float64 reference.
+"""What is specific to the Triton backend (tile paths, chunk sizes, large T, edge layouts, GPU-only shapes);
+the behaviour every backend shares is tests/test_ops.py's matrix, which includes Triton.
 
 Without a GPU the kernels run on the CPU in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py
 before any kernel module is imported): small shapes only, the interpreter executes every program in
@@ -13,16 +14,14 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 import mgs_kernels as mgs  # noqa: E402
 from mgs_kernels import reference  # noqa: E402
 from mgs_kernels._plan import get_plan  # noqa: E402
 from mgs_kernels.backends import torch_backend, triton_backend  # noqa: E402
 
-from conftest import (assert_close_to_reference, offsets_from_sizes, property_case, random_sizes,  # noqa: E402
-                      reference_result, storage_rtol)
+from conftest import (assert_close_to_reference, offsets_from_sizes, random_sizes,  # noqa: E402
+                      storage_rtol)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -174,50 +173,6 @@ def test_pcgrad_weights_eps_zero_and_opposite_tasks():
         assert w[0, 0] == 1.0  # nobody projects on the zero task
 
 
-def test_pcgrad_weights_nonfinite_like_torch_backend():
-    gram = torch.randn(4, 3, 3)
-    gram = gram @ gram.transpose(1, 2)
-    gram[1, 0, 0] = float("inf")
-    gram[2, 1, 2] = gram[2, 2, 1] = float("nan")
-    gram[3] = float("inf")
-    order = mgs.random_order(4, 3, generator=torch.Generator().manual_seed(0))
-    w = mgs.pcgrad_weights(gram.to(DEVICE), order=order.to(DEVICE), backend="triton").cpu()
-    w_torch = torch_backend.pcgrad_weights(gram, order, 0.0)
-    assert torch.equal(torch.isnan(w), torch.isnan(w_torch))
-    assert torch.equal(torch.isinf(w), torch.isinf(w_torch))
-    fin = torch.isfinite(w_torch)
-    torch.testing.assert_close(w[fin], w_torch[fin])
-
-
-# ---------------------------------------------------------------------------------------- combine
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_segmented_combine_out_new_poisoned_and_in_place(dtype, rng):
-    T = rng.randint(1, 6)
-    sizes = random_sizes(rng, rng.randint(1, 8), max_size=700)
-    offsets = offsets_from_sizes(sizes).to(DEVICE)
-    grads = make_grads(T, sizes, dtype)
-    weights = torch.randn(len(sizes), T, device=DEVICE)
-    expected = torch.zeros(sum(sizes), dtype=torch.float64)
-    for m in range(len(sizes)):
-        a, b = int(offsets[m]), int(offsets[m + 1])
-        expected[a:b] = (weights[m].double().cpu()[:, None] * grads[:, a:b].double().cpu()).sum(0)
-    new = mgs.segmented_combine(grads, offsets, weights, backend="triton")
-    assert new.dtype == dtype
-    assert_close_to_reference(new, expected, offsets, storage_rtol(dtype))
-    for out_dtype in DTYPES:
-        out = torch.full((sum(sizes),), float("nan"), dtype=out_dtype, device=DEVICE)
-        assert mgs.segmented_combine(grads, offsets, weights, out=out, backend="triton") is out
-        assert_close_to_reference(out, expected, offsets, storage_rtol(out_dtype))
-    in_place = grads.clone()
-    row = rng.randrange(T)
-    mgs.segmented_combine(in_place, offsets, weights, out=in_place[row], backend="triton")
-    assert_close_to_reference(in_place[row], expected, offsets, storage_rtol(dtype))
-    others = [t for t in range(T) if t != row]
-    assert torch.equal(in_place[others], grads[others])
-
-
 @pytest.mark.parametrize("chunk_size", [1, 45, 4096])
 def test_segmented_combine_blocks_and_chunks(chunk_size):
     T = 7  # two row groups of the combine's task loop, the second one padded
@@ -231,114 +186,6 @@ def test_segmented_combine_blocks_and_chunks(chunk_size):
     expected = torch.cat([(weights[m, :, None] * grads[:, offsets[m]:offsets[m + 1]]).sum(0) for m in range(len(sizes))])
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
-
-def test_segmented_combine_zero_weight_does_not_hide_inf():
-    grads = torch.randn(3, 50, device=DEVICE)
-    grads[1, 7] = float("inf")
-    grads[2, 40] = float("nan")
-    weights = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]], device=DEVICE)
-    out = mgs.segmented_combine(grads, [0, 20, 50], weights, backend="triton")
-    assert torch.isnan(out[7]) and torch.isnan(out[40])  # 0 * inf and 0 * nan are NaN, not skipped
-    mask = torch.ones(50, dtype=torch.bool)
-    mask[[7, 40]] = False
-    assert torch.isfinite(out[mask.to(DEVICE)]).all()
-
-
-# ---------------------------------------------------------------------------------------- end to end
-
-
-@pytest.mark.parametrize("T", [1, 2, 3, 5, 8, 16])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_modular_pcgrad_matches_reference(T, dtype, rng):
-    sizes, offsets, grads, order = draw_case(rng, T, dtype)
-    out = mgs.modular_pcgrad(grads, offsets, order=order, backend="triton")
-    assert out.dtype == dtype and out.shape == (sum(sizes),) and out.device.type == DEVICE.type
-    ref = reference_result(grads.cpu(), offsets.cpu(), order.cpu())
-    assert_close_to_reference(out, ref, offsets.cpu(), storage_rtol(dtype))
-
-
-def test_modular_pcgrad_t64_tiny(rng):
-    sizes, offsets, grads, order = draw_case(rng, 64, torch.float32, num_modules=(2, 3), max_size=40)
-    out = mgs.modular_pcgrad(grads, offsets, order=order, backend="triton")
-    ref = reference_result(grads.cpu(), offsets.cpu(), order.cpu())
-    assert_close_to_reference(out, ref, offsets.cpu(), storage_rtol(torch.float32))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_modular_pcgrad_into_out_and_in_place(dtype, rng):
-    T = 4
-    sizes, offsets, grads, order = draw_case(rng, T, dtype)
-    ref = reference_result(grads.cpu(), offsets.cpu(), order.cpu())
-    out = torch.full((sum(sizes),), float("nan"), dtype=torch.float32, device=DEVICE)
-    assert mgs.modular_pcgrad(grads, offsets, order=order, out=out, backend="triton") is out
-    assert_close_to_reference(out, ref, offsets.cpu(), storage_rtol(dtype))
-    buf = grads.clone()
-    mgs.modular_pcgrad(buf, offsets, order=order, out=buf[2], backend="triton")
-    assert_close_to_reference(buf[2], ref, offsets.cpu(), storage_rtol(dtype))
-
-
-def test_special_gradients():
-    n = 97
-    g = torch.randn(1, n)
-    opposite = torch.cat([g, -g]).to(DEVICE)
-    out = mgs.modular_pcgrad(opposite, [0, n], backend="triton")
-    assert out.abs().max().item() <= 1e-6 * g.abs().max().item()
-    w = mgs.pcgrad_weights(mgs.segmented_gram(opposite, [0, n], backend="triton"), backend="triton")
-    torch.testing.assert_close(w.cpu(), torch.tensor([[2.0, 2.0]]))
-    zeros = torch.zeros(3, n, device=DEVICE)
-    assert torch.equal(mgs.modular_pcgrad(zeros, [0, 40, n], backend="triton"), zeros[0])
-    one = torch.randn(1, n, device=DEVICE)
-    assert torch.equal(mgs.modular_pcgrad(one, [0, 3, 3, n], backend="triton"), one[0])
-    positive = torch.rand(5, n, device=DEVICE)  # no conflict anywhere: the plain sum
-    torch.testing.assert_close(mgs.modular_pcgrad(positive, [0, 50, n], backend="triton"), positive.sum(0))
-
-
-def test_nan_and_inf_propagate_like_torch_backend():
-    g = torch.randn(3, 60)
-    g[1, 5] = float("inf")
-    g[2, 30] = float("nan")
-    g[0, 50] = float("-inf")
-    off = [0, 20, 40, 60]
-    order = mgs.random_order(3, 3, generator=torch.Generator().manual_seed(0))
-    out = mgs.modular_pcgrad(g.to(DEVICE), off, order=order.to(DEVICE), backend="triton").cpu()
-    out_torch = mgs.modular_pcgrad(g, off, order=order, backend="torch")
-    assert torch.equal(torch.isfinite(out), torch.isfinite(out_torch))
-    assert not torch.isfinite(out[5]) and not torch.isfinite(out[30]) and not torch.isfinite(out[50])
-
-
-def test_bitwise_identical_reruns(rng):
-    T = 5
-    sizes = random_sizes(rng, 9, max_size=1500)
-    g = make_grads(T, sizes, torch.bfloat16)
-    off = offsets_from_sizes(sizes).to(DEVICE)
-    order = draw_order(len(sizes), T, rng)
-    a = mgs.modular_pcgrad(g, off, order=order, backend="triton")
-    b = mgs.modular_pcgrad(g, off, order=order, backend="triton")
-    assert torch.equal(a, b)
-    ga, gb = (mgs.segmented_gram(g, off, backend="triton") for _ in range(2))
-    assert torch.equal(ga, gb)
-    assert torch.equal(mgs.pcgrad_weights(ga, order=order, backend="triton"),
-                       mgs.pcgrad_weights(gb, order=order, backend="triton"))  # fmt: skip
-
-
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    T=st.sampled_from([1, 2, 3, 4, 6, 9]),
-    sizes=st.lists(st.integers(0, 80), min_size=1, max_size=5),
-    seed=st.integers(0, 2**31 - 1),
-    scale=st.sampled_from([1e-3, 1.0, 1e3]),
-    dtype=st.sampled_from(DTYPES),
-    eps=st.sampled_from([0.0, 1e-12, 0.5]),
-)
-def test_property_modular_pcgrad(T, sizes, seed, scale, dtype, eps):
-    case = property_case(T, sizes, seed, scale, dtype, eps, MARGIN)
-    assume(case is not None)
-    grads, offsets, order, ref = case
-    out = mgs.modular_pcgrad(grads.to(DEVICE), offsets.to(DEVICE), order=order.to(DEVICE), eps=eps, backend="triton")
-    assert_close_to_reference(out, ref, offsets, storage_rtol(dtype), grads)
-
-
-# ---------------------------------------------------------------------------------------- GPU only
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -32,7 +32,7 @@ def test_gram_config_fits_every_device(compiled, dtype, smem):
             assert cfg.t_pad >= T and cfg.block_n >= 16 and cfg.num_stages >= 2
             assert cfg.upcast == (dtype == torch.float32)
         else:
-            assert T < _config.GRAM_DOT_MIN_T and cfg.t_pad >= T
+            assert T < _config.gram_dot_min_t() and cfg.t_pad >= T
 
 
 def test_review_case_fp32_t128_no_longer_reachable_and_t64_is_small(compiled):
@@ -49,7 +49,7 @@ def test_max_and_preferred_tasks():
     assert _config.max_tasks(torch.float32) == 64
     assert _config.max_tasks(torch.bfloat16) == _config.max_tasks(torch.float16) == 128
     lo, hi = _config.preferred_tasks(torch.bfloat16)
-    assert lo == _config.GRAM_DOT_MIN_T and hi == 128
+    assert lo == _config.gram_dot_min_t() and hi == 128
     with pytest.raises(TypeError):
         _config.max_tasks(torch.float64)
 

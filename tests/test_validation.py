@@ -86,6 +86,19 @@ def test_out_overlapping_grads_other_than_a_row():
     mgs.modular_pcgrad(g, OFF, out=g[1])  # exactly a row is fine
 
 
+@pytest.mark.parametrize("row_stride", [0, 1, N // 2])
+def test_out_into_grads_with_overlapping_rows_is_rejected(row_stride):
+    # An expanded grads (row stride 0) or rows overlapping each other: any write into their storage changes
+    # several task values at once. The error names the problem (it used to be a ZeroDivisionError for 0).
+    base = torch.randn(row_stride * (T - 1) + N)
+    g = base.as_strided((T, N), (row_stride, 1))
+    before = base.clone()
+    with pytest.raises(MGSInputError, match="rows overlap"):
+        mgs.modular_pcgrad(g, OFF, out=base[:N])
+    assert torch.equal(base, before)
+    mgs.modular_pcgrad(g, OFF, out=torch.empty(N))  # reading overlapping rows into a separate out is fine
+
+
 def test_bad_weights_and_gram():
     g = grads()
     out = torch.full((N,), 7.0)

@@ -5,15 +5,20 @@ counts it supports, and optional capabilities (a fused ``modular_pcgrad`` schedu
 step). Each lives in its own module that defines ``BACKEND``; adding one is one line in ``_REGISTRY``
 (and, if "auto" should choose it, in ``_AUTO``).
 
-Routing (``get_backend``): "auto" takes the first backend of ``_AUTO[device type]`` that loads here,
-runs on the device and handles the task count for the storage dtype; a named backend is used as asked,
-except that a task count beyond what it handles goes to the ``torch`` backend (any T, any device).
+Routing (``get_backend``): "auto" considers the backends of ``_AUTO[device type]`` that load here, run on
+the device and handle the task count for the storage dtype; it takes the first whose ``preferred_tasks``
+range holds T, else the first of them. A native GPU backend is parity-checked against the float64
+reference the first time "auto" would choose it for a device in this process (``_selfcheck``, a few KB,
+the one host sync at that moment; ``MGS_SELF_CHECK=0`` skips it); one that fails is skipped with a
+warning. A named backend is used as asked, except that a task count beyond what it handles goes to the
+``torch`` backend (any T, any device).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Dict, List, Optional
+import warnings
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -39,6 +44,8 @@ _FALLBACK = "torch"
 
 _loaded: Dict[str, Backend] = {}
 _errors: Dict[str, str] = {}
+# (backend name, device) -> None when the first-use parity check passed, else why it failed.
+_checked: Dict[Tuple[str, torch.device], Optional[str]] = {}
 
 _DEVICE_HINTS = {
     "cuda": "needs a CUDA device",
@@ -102,6 +109,28 @@ def _handles(backend: Backend, num_tasks: Optional[int], dtype: Optional[torch.d
     return limit is None or num_tasks <= limit
 
 
+def _prefers(backend: Backend, num_tasks: Optional[int], dtype: Optional[torch.dtype]) -> bool:
+    span = backend.preferred_tasks(dtype or torch.float32)
+    return num_tasks is not None and span is not None and span[0] <= num_tasks <= span[1]
+
+
+def _passes_self_check(backend: Backend, device: torch.device) -> bool:
+    """First use of a native GPU backend by "auto" on ``device``: a tiny parity check, once per process."""
+    if device.type != "cuda" or backend.name not in ("cuda", "triton"):
+        return True
+    from .. import _selfcheck, _settings
+
+    if _selfcheck.active() or not _settings.get("MGS_SELF_CHECK"):
+        return True
+    key = (backend.name, device)
+    if key not in _checked:
+        _checked[key] = _selfcheck.parity_check(backend.name, device, quick=True)
+        if _checked[key] is not None:
+            warnings.warn(f"mgs_kernels: backend {backend.name!r} failed its self-check on {device} and is skipped "
+                          f"by backend='auto' ({_checked[key]}); run `python -m mgs_kernels.doctor`", stacklevel=3)
+    return _checked[key] is None
+
+
 def get_backend(name: str, device, num_tasks: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> Backend:
     """The backend that runs ``name`` ("auto" or a registered name) for tensors on ``device``.
 
@@ -118,9 +147,10 @@ def get_backend(name: str, device, num_tasks: Optional[int] = None, dtype: Optio
     """
     device = torch.device(device)
     if name == "auto":
-        for candidate in _AUTO.get(device.type, [_FALLBACK]):
-            backend = _load(candidate)
-            if backend is not None and backend.supports(device) and _handles(backend, num_tasks, dtype):
+        fit = [b for b in (_load(c) for c in _AUTO.get(device.type, [_FALLBACK]))
+               if b is not None and b.supports(device) and _handles(b, num_tasks, dtype)]
+        for backend in sorted(fit, key=lambda b: not _prefers(b, num_tasks, dtype)):  # stable: list order
+            if _passes_self_check(backend, device):
                 return backend
         raise BackendUnavailableError(f"no backend supports device {device}")
     if not isinstance(name, str) or name not in _REGISTRY:

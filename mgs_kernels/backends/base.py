@@ -50,6 +50,11 @@ class Backend(ABC):
         """Largest task count handled for ``dtype`` storage (None: no limit); dispatch routes larger T away."""
         return None
 
+    def preferred_tasks(self, dtype: torch.dtype) -> Optional[Tuple[int, int]]:
+        """Inclusive task-count range where "auto" should prefer this backend over an earlier candidate that
+        also handles T (None: no preference; "auto" then keeps its list order)."""
+        return None
+
     @abstractmethod
     def segmented_gram(self, grads: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
         """float32 [M, T, T]: ``G[m] = V_m V_m^T`` with fp32 accumulation, reduced in a fixed order."""

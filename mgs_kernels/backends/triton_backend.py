@@ -43,6 +43,16 @@ class TritonBackend(Backend):
     def supports(self, device: torch.device) -> bool:
         return supports(device)
 
+    def max_tasks(self, dtype: torch.dtype) -> int:
+        from ..triton import _config
+
+        return _config.max_tasks(dtype)
+
+    def preferred_tasks(self, dtype: torch.dtype):
+        from ..triton import _config
+
+        return _config.preferred_tasks(dtype)
+
     def segmented_gram(self, grads: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
         return _k().segmented_gram(grads, plan)
 

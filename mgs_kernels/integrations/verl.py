@@ -46,6 +46,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .. import _settings
 from .._errors import MGSInputError
 from ..surgery import ModularGradientSurgery
 from ._split import TaskSplitter, to_task_ids
@@ -172,5 +173,5 @@ def options_from_env(text: str) -> Dict[str, Any]:
     return options
 
 
-if os.environ.get("MGS_VERL_OPTIONS"):
-    register_engine(**options_from_env(os.environ["MGS_VERL_OPTIONS"]))
+if _settings.get("MGS_VERL_OPTIONS"):
+    register_engine(**options_from_env(_settings.get("MGS_VERL_OPTIONS")))

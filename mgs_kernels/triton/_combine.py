@@ -22,7 +22,6 @@ from .._plan import SegmentPlan
 from . import _config
 from ._launch import _add, _aligned_view, _launch_context
 
-_INTERPRETED = _config.interpreting()  # the mode the triton.jit decorators below ran in
 
 
 @triton.jit

@@ -2,7 +2,8 @@
 
 Nothing here is needed for correctness: every kernel is correct for any power-of-two block size and
 any chunk size >= 1 (the tests force small ones). The GPU values are first guesses for H100/H200
-(memory-bound streaming over [T, N]); ``bench/`` should tune them (see ``GPU_CANDIDATES``).
+(memory-bound streaming over [T, N]), sized by offline compiles for sm_90 / sm_80
+(tests/test_offline_compile.py); ``bash bench/gpu_check.sh`` measures them on a GPU.
 
 Under ``TRITON_INTERPRET=1`` (CPU, numpy) every program is executed in Python, so the blocks are
 tiny to keep tests fast, and ``tl.dot`` runs on float32 (the interpreter has no bf16 matmul).
@@ -14,6 +15,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from .. import _settings
 
 
 def interpreting() -> bool:
@@ -30,15 +33,18 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-# Precision of tl.dot on float32 storage (T >= GRAM_DOT_MIN_T). "tf32x3" splits each float32 into
-# a tf32 high part and a tf32 low part and sums three tensor-core products (error ~1e-6 relative,
-# about float32 rounding); "ieee" is exact float32 FMA math, but runs on CUDA cores. Plain "tf32"
-# (10-bit mantissa) is NOT accurate enough for PCGrad's sign tests and is never used.
-FP32_DOT_PRECISION = os.environ.get("MGS_TRITON_FP32_DOT", "tf32x3")
+def fp32_dot_precision() -> str:
+    """Precision of tl.dot on float32 storage (T >= gram_dot_min_t()), $MGS_TRITON_FP32_DOT: "tf32x3"
+    splits each float32 into a tf32 high part and a tf32 low part and sums three tensor-core products
+    (error ~1e-6 relative, about float32 rounding); "ieee" is exact float32 FMA math on CUDA cores. Plain
+    "tf32" (10-bit mantissa) is NOT accurate enough for PCGrad's sign tests and is never used."""
+    return _settings.get("MGS_TRITON_FP32_DOT")
 
-# The Gram pass uses tl.dot tiles from this many tasks on (T is padded to >= 16 rows for tl.dot);
-# below it, a register outer-product accumulator [T, T, BLOCK_N] of FMAs wins (no 16-row padding).
-GRAM_DOT_MIN_T = int(os.environ.get("MGS_TRITON_GRAM_DOT_MIN_T", "9"))
+
+def gram_dot_min_t() -> int:
+    """The Gram pass uses tl.dot tiles from this many tasks on ($MGS_TRITON_GRAM_DOT_MIN_T; T is padded to
+    >= 16 rows for tl.dot); below it, a register outer-product accumulator [T, T, BLOCK_N] of FMAs wins."""
+    return _settings.get("MGS_TRITON_GRAM_DOT_MIN_T")
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ def chunk_size(numel: int) -> int:
     largest module has at most a few thousand chunks to reduce (the reduction pass is per module).
     """
     if interpreting():
-        return int(os.environ.get("MGS_TRITON_CHUNK", "256"))
+        return _settings.get("MGS_TRITON_CHUNK")
     return min(1 << 20, max(1 << 14, next_pow2(-(-max(numel, 1) // 8192))))
 
 
@@ -132,7 +138,7 @@ def preferred_tasks(dtype: torch.dtype) -> tuple:
     modular_pcgrad) over the native CUDA one when both are available: from the first tensor-core (tl.dot)
     task count to ``max_tasks(dtype)``. Below it the native CUDA register kernel streams at bandwidth with
     no JIT warm-up (see ``mgs_kernels._native.CUDA_GRAM_PREFERRED_TASKS`` for the estimate)."""
-    return (GRAM_DOT_MIN_T, max_tasks(dtype))
+    return (gram_dot_min_t(), max_tasks(dtype))
 
 
 def check_tasks(num_tasks: int, dtype: torch.dtype | None) -> None:
@@ -155,7 +161,7 @@ def gram_config(
     """Launch parameters of the Gram pass for T tasks of ``dtype`` storage on a device with ``smem`` bytes
     of opt-in shared memory per block (default: the offline target's)."""
     interp = interpreting()
-    use_dot = num_tasks >= GRAM_DOT_MIN_T if force_dot is None else bool(force_dot)
+    use_dot = num_tasks >= gram_dot_min_t() if force_dot is None else bool(force_dot)
     tt = num_tasks * num_tasks
     tt_block = min(next_pow2(tt), 16 if interp else 256)
     c_block = 4 if interp else max(1, 4096 // tt_block)
@@ -166,7 +172,7 @@ def gram_config(
         # exact-product; float32 storage needs the tf32x3 split (or ieee). The interpreter's dot
         # is numpy: feed it float32 and ask for ieee.
         upcast = interp or dtype == torch.float32
-        precision = "ieee" if interp else FP32_DOT_PRECISION
+        precision = "ieee" if interp else fp32_dot_precision()
         if interp:
             return GramConfig(t_pad, 32, True, upcast, precision, 4, 1, tt_block, c_block)
         elem = 4 if dtype == torch.float32 else 2
@@ -218,18 +224,3 @@ def solve_num_warps(num_tasks: int) -> int:
     registers (at most 16 elements of each a thread)."""
     t_pad = next_pow2(num_tasks)
     return max(1, min(16, t_pad * t_pad // (32 * 16)))
-
-
-# Candidate GPU configurations for a tuning sweep (bench/), never needed for correctness.
-GPU_CANDIDATES = {
-    "gram_fma_block_n": [128, 256, 512, 1024, 2048],
-    "gram_dot_block_n": [64, 128, 256],
-    "gram_num_warps": [4, 8],
-    "gram_num_stages": [2, 3, 4],
-    "gram_dot_min_t": [3, 5, 9, 17],
-    "combine_block_n": [512, 1024, 2048, 4096],
-    "combine_t_block": [2, 4, 8],
-    "chunk_size": [1 << 14, 1 << 16, 1 << 18, 1 << 20],
-    "step_block_n": [256, 512, 1024, 2048],  # with num_warps: 2-8 elements a thread
-    "step_num_warps": [2, 4, 8],
-}

@@ -23,8 +23,6 @@ from .._plan import SegmentPlan
 from . import _config
 from ._launch import _add, _aligned_view, _launch_context
 
-# The mode the triton.jit decorators below ran in (compiled vs. interpreter); see kernels().
-_INTERPRETED = _config.interpreting()
 
 
 @triton.jit

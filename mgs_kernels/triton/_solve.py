@@ -24,7 +24,6 @@ import triton.language as tl
 from . import _config
 from ._launch import _add, _launch_context
 
-_INTERPRETED = _config.interpreting()  # the mode the triton.jit decorators below ran in
 
 
 @triton.jit

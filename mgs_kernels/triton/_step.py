@@ -49,7 +49,6 @@ from .. import _fused_step as _fs
 from . import _config
 from ._launch import _launch_context
 
-_INTERPRETED = _config.interpreting()  # the mode the triton.jit decorators below ran in
 
 # Hyper-parameter columns (triton.jit only reads constexpr globals).
 _LR = tl.constexpr(_fs.LR)

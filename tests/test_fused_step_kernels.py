@@ -1,12 +1,13 @@
-"""Triton fused optimizer step (``mgs_kernels/triton/_step.py``) against the plain-torch definition
-``_fused_step.reference_kernel`` and, end to end, against resolve() + clip_grad_norm_ + optimizer.step().
+"""Every backend's fused optimizer-step kernel (``Backend.fused_step``: native CPU, Triton, CUDA on a GPU)
+against the plain-torch definition ``_fused_step.reference_kernel``; Triton-specific block sizes and
+alignment at the end. The end-to-end comparison with resolve() + clip + optimizer.step() is
+tests/test_step.py's, over every backend.
 
 Two identical set-ups (model, optimizer, surgery) see the same captured task gradients and the same
-weights; one is updated by the Triton kernel, the other by the reference kernel, and after every
-comparison the reference's parameters and states are copied into the Triton side, so every step is
-compared from identical inputs. Without a GPU the kernel runs in Triton's interpreter
-(TRITON_INTERPRET=1, set by conftest.py before any kernel module is imported). The end-to-end
-comparison with resolve() + clip + optimizer.step() is tests/test_step.py's, over every backend.
+weights; one is updated by the backend's kernel, the other by the reference kernel, and after every
+comparison the reference's parameters and states are copied into the kernel's side, so every step is
+compared from identical inputs. Without a GPU the Triton kernel runs in Triton's interpreter
+(TRITON_INTERPRET=1, set by conftest.py before any kernel module is imported).
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ import pytest
 import torch
 from torch import nn
 
-triton = pytest.importorskip("triton")
+import mgs_kernels as mgs
+from mgs_kernels import _fused_step, backends
+from conftest import BACKENDS, DEVICE, fused_step_args, surgery_weights
 
-import mgs_kernels as mgs  # noqa: E402
-from mgs_kernels import _fused_step  # noqa: E402
-from conftest import DEVICE, fused_step_args, surgery_weights  # noqa: E402
+# Backends with a fused-step kernel on DEVICE.
+FUSED = [b for b in BACKENDS if backends.get_backend(b, DEVICE).fused_step is not None]
+needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton not usable here")
 NAN = float("nan")
 
 # The interpreter computes with numpy, which warns on inf - inf / 0 * inf in the propagation tests.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 
-def kernels():
+def triton_kernels():
     from mgs_kernels import triton as k
 
     return k
@@ -128,8 +131,13 @@ def inactive(setup: Setup):
 
 
 def run_pair(opt_fn, dtype=torch.float32, keep_grads=True, steps=3, num_tasks=3, block_n=None, clip=0.7,
-             mutate=None, **net_kw):  # fmt: skip
-    """Steps of Triton vs reference from identical inputs; returns the two set-ups and last args."""
+             mutate=None, backend="triton", **net_kw):  # fmt: skip
+    """Steps of ``backend``'s kernel (Triton's with a forced ``block_n`` when given) vs the reference from
+    identical inputs; returns the two set-ups and last args."""
+    if block_n is None:
+        kernel = backends.get_backend(backend, DEVICE).fused_step
+    else:
+        kernel = lambda args: triton_kernels().fused_step(args, block_n=block_n)  # noqa: E731
     a = Setup(opt_fn, dtype, num_tasks, **net_kw)
     b = Setup(opt_fn, dtype, num_tasks, **net_kw)
     for step in range(steps):
@@ -142,7 +150,7 @@ def run_pair(opt_fn, dtype=torch.float32, keep_grads=True, steps=3, num_tasks=3,
             mutate(b.surgery.buffer)
         args_a, args_b = a.args(weights, keep_grads), b.args(weights, keep_grads)
         frozen = [p.detach().clone() for p in inactive(a)]
-        kernels().fused_step(args_a, block_n=block_n)
+        kernel(args_a)
         _fused_step.reference_kernel(args_b)
         assert_setups_close(a, b, args_a, args_b)
         for p, before in zip(inactive(a), frozen):  # inactive slots untouched, no state created
@@ -178,27 +186,30 @@ ADAM_CASES = {
 # ---------------------------------------------------------------------------------------- vs reference
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("keep_grads", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", list(SGD_CASES))
-def test_sgd_matches_reference(case, dtype, keep_grads):
+def test_sgd_matches_reference(case, dtype, keep_grads, backend):
     # Three steps: the first creates the momentum buffer (FIRST), the later ones update it.
-    a, _, _, _ = run_pair(SGD_CASES[case], dtype, keep_grads)
+    a, _, _, _ = run_pair(SGD_CASES[case], dtype, keep_grads, backend=backend)
     p = a.model.a.weight
     momentum = a.opt.param_groups[0]["momentum"]
     assert ("momentum_buffer" in a.opt.state[p]) == (momentum != 0)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("keep_grads", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", list(ADAM_CASES))
-def test_adam_matches_reference(case, dtype, keep_grads):
-    a, _, _, _ = run_pair(ADAM_CASES[case], dtype, keep_grads)
+def test_adam_matches_reference(case, dtype, keep_grads, backend):
+    a, _, _, _ = run_pair(ADAM_CASES[case], dtype, keep_grads, backend=backend)
     state = a.opt.state[a.model.a.weight]
     assert float(state["step"]) == 3
     assert ("max_exp_avg_sq" in state) == a.opt.param_groups[0]["amsgrad"]
 
 
+@needs_triton
 @pytest.mark.parametrize("block_n", [16, 64, 1024])
 @pytest.mark.parametrize("num_tasks", [1, 2, 5])
 def test_block_sizes_and_task_counts(block_n, num_tasks):
@@ -206,6 +217,7 @@ def test_block_sizes_and_task_counts(block_n, num_tasks):
     run_pair(ADAM_CASES["adam_wd_amsgrad"], torch.float16, num_tasks=num_tasks, block_n=block_n, steps=2)
 
 
+@needs_triton
 def test_slot_of_several_chunks():
     # big.weight has 16800 elements: its second chunk starts 2^14 elements into the slot.
     a, _, args, _ = run_pair(SGD_CASES["momentum_nesterov_wd"], torch.bfloat16, steps=2, block_n=256, big=True)
@@ -215,7 +227,8 @@ def test_slot_of_several_chunks():
     run_pair(ADAM_CASES["adamw"], torch.float32, steps=2, block_n=256, big=True)
 
 
-def test_per_group_flags():
+@pytest.mark.parametrize("backend", FUSED)
+def test_per_group_flags(backend):
     # Per-slot flags are runtime values: groups with different settings in one launch.
     def sgd(ps):
         ps = list(ps)
@@ -233,12 +246,14 @@ def test_per_group_flags():
             {"params": ps[4:], "eps": 1e-3, "weight_decay": 0.0},
         ], lr=3e-3)  # fmt: skip
 
-    run_pair(sgd, torch.bfloat16)
-    run_pair(adam, torch.float32)
+    run_pair(sgd, torch.bfloat16, backend=backend)
+    run_pair(adam, torch.float32, backend=backend)
 
 
-def test_later_momentum_buffer_after_state_dict_round_trip():
-    a, b, _, _ = run_pair(SGD_CASES["momentum_wd"], torch.float32, steps=1)
+@pytest.mark.parametrize("backend", FUSED)
+def test_later_momentum_buffer_after_state_dict_round_trip(backend):
+    kernel = backends.get_backend(backend, DEVICE).fused_step
+    a, b, _, _ = run_pair(SGD_CASES["momentum_wd"], torch.float32, steps=1, backend=backend)
     for s in (a, b):
         s.opt.load_state_dict(s.opt.state_dict())  # state tensors are re-created: new pointers
     for step in (1, 2):
@@ -247,7 +262,7 @@ def test_later_momentum_buffer_after_state_dict_round_trip():
         w = surgery_weights(a.surgery)
         args_a, args_b = a.args(w, True), b.args(w, True)
         assert not bool(args_a.hyper[:, _fused_step.FIRST].any())
-        kernels().fused_step(args_a)
+        kernel(args_a)
         _fused_step.reference_kernel(args_b)
         assert_setups_close(a, b, args_a, args_b)
         sync(a, b)
@@ -255,7 +270,8 @@ def test_later_momentum_buffer_after_state_dict_round_trip():
         b.finish()
 
 
-def test_unaligned_parameter_pointer():
+@pytest.mark.parametrize("backend", FUSED)
+def test_unaligned_parameter_pointer(backend):
     # A parameter that is a view at an odd storage offset: no 16-byte alignment is promised for it.
     class Odd(nn.Module):
         def __init__(self):
@@ -266,8 +282,6 @@ def test_unaligned_parameter_pointer():
 
         def forward(self, x):
             return x @ self.w.t() + self.b
-
-    from mgs_kernels.triton import _step
 
     outs = []
     for _ in range(2):
@@ -282,8 +296,11 @@ def test_unaligned_parameter_pointer():
         outs.append((model, opt, args))
     (ma, oa, aa), (mb, ob, ab) = outs
     assert ma.w.data_ptr() % 16 == 4
-    assert _step._check_slots(aa) == 4
-    kernels().fused_step(aa)
+    if backend == "triton":
+        from mgs_kernels.triton import _step
+
+        assert _step._check_slots(aa) == 4
+    backends.get_backend(backend, DEVICE).fused_step(aa)
     _fused_step.reference_kernel(ab)
     torch.testing.assert_close(ma.w, mb.w, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(oa.state[ma.w]["exp_avg_sq"], ob.state[mb.w]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
@@ -296,7 +313,9 @@ def bits_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
     return x.dtype == y.dtype and torch.equal(x.view(ints[x.element_size()]), y.view(ints[y.element_size()]))
 
 
-def test_bitwise_identical_reruns():
+@pytest.mark.parametrize("backend", FUSED)
+def test_bitwise_identical_reruns(backend):
+    kernel = backends.get_backend(backend, DEVICE).fused_step
     for opt_fn in (SGD_CASES["momentum_nesterov_wd"], ADAM_CASES["adamw_small_beta1_amsgrad"]):
         a = Setup(opt_fn, torch.bfloat16)
         c = Setup(opt_fn, torch.bfloat16)
@@ -305,8 +324,8 @@ def test_bitwise_identical_reruns():
                 s.capture(step)
             w = surgery_weights(a.surgery)
             args_a, args_c = a.args(w, True), c.args(w, True)
-            kernels().fused_step(args_a)
-            kernels().fused_step(args_c)
+            kernel(args_a)
+            kernel(args_c)
             assert bits_equal(args_a.grad_out, args_c.grad_out)  # NaN where inactive: compare bits
             for (_, pa, sa), (_, pc, sc) in zip(a.states(), c.states()):
                 assert bits_equal(pa, pc)
@@ -316,22 +335,24 @@ def test_bitwise_identical_reruns():
             c.finish()
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("opt_fn", [SGD_CASES["momentum_nesterov_wd"], ADAM_CASES["adam_wd_amsgrad"]])
-def test_nan_and_inf_in_a_task_row_propagate(opt_fn):
-    def mutate(buffer):
-        buffer[1, 3] = NAN  # a.weight
-        buffer[2, 230] = float("inf")  # b.weight
-        buffer[0, 231] = float("-inf")
+def test_nan_and_inf_in_a_task_row_propagate(opt_fn, backend):
+    slots = {s.name: s for s in mgs.build_partition(Net(), "tensor").slots}  # the set-ups' layout
+    a_w, b_w = slots["a.weight"].start, slots["b.weight"].start
 
-    a, _, args, _ = run_pair(opt_fn, torch.float32, steps=1, mutate=mutate)
+    def mutate(buffer):
+        buffer[1, a_w + 3] = NAN  # a.weight[3]
+        buffer[2, b_w + 8] = float("inf")  # b.weight[8]
+        buffer[0, b_w + 9] = float("-inf")
+
+    a, _, args, _ = run_pair(opt_fn, torch.float32, steps=1, mutate=mutate, backend=backend)
     flat = torch.cat([p.detach().reshape(-1) for p in a.model.parameters()])
-    slots = {s.name: s for s in a.surgery.partition.slots}
-    assert slots["a.weight"].start <= 3 < slots["a.weight"].end
-    assert slots["b.weight"].start <= 230 < slots["b.weight"].end
-    assert torch.isnan(args.grad_out[3]) and not torch.isfinite(args.grad_out[230:232]).any()
-    assert torch.isnan(flat[3]) and not torch.isfinite(flat[230:232]).any()
+    flat_b = sum(p.numel() for n, p in a.model.named_parameters() if n in ("a.weight", "a.bias"))
+    assert torch.isnan(args.grad_out[a_w + 3]) and not torch.isfinite(args.grad_out[b_w + 8 : b_w + 10]).any()
+    assert torch.isnan(flat[3]) and not torch.isfinite(flat[flat_b + 8 : flat_b + 10]).any()
     bad = torch.zeros_like(flat, dtype=torch.bool)
-    bad[[3, 230, 231]] = True
+    bad[[3, flat_b + 8, flat_b + 9]] = True
     assert torch.isfinite(flat[~bad]).all()  # elementwise: nothing else is touched
 
 
@@ -377,7 +398,7 @@ def test_gpu_large_matches_reference(dtype, opt_name):
         args = [fused_step_args(s, opt, w, True) for _, s, opt in setups]
         for a in args:
             a.grad_out.fill_(NAN)
-        kernels().fused_step(args[0])
+        triton_kernels().fused_step(args[0])
         _fused_step.reference_kernel(args[1])
         lr = setups[0][2].param_groups[0]["lr"]
         p_atol = 1e-2 * lr if "adam" in opt_name else 1e-6

@@ -1,30 +1,29 @@
-"""Triton PCGrad solve: bitwise agreement with the torch backend, and malformed order tables.
+"""The PCGrad solve of every backend: bitwise agreement with the torch backend, and malformed order tables.
 
 Bitwise equality across backends can only be asked where the arithmetic does not depend on the
-summation order (Triton sums d = C[i, :] . G[:, j] as a tree, torch in its own vectorized order):
+summation order (Triton sums d = C[i, :] . G[:, j] as a tree, the CPU kernel left to right, torch in its
+own vectorized order):
 * T = 2 with any Gram: every sum has a single nonzero term, so the only rounding is the division
   d / G[j, j] (IEEE on every backend; the PTX check is in test_offline_compile.py);
 * conflict-heavy "dyadic" Grams (integer entries, powers of two on the diagonal) whose whole solve is
   exact in float32 (checked against float64 for each draw), so any summation order gives the same bits.
-Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before import).
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py).
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from mgs_kernels import backends, random_order, reference
+from mgs_kernels.backends import torch_backend
 
-pytest.importorskip("triton")
+from conftest import BACKENDS, DEVICE
 
-from mgs_kernels import random_order, reference  # noqa: E402
-from mgs_kernels.backends import torch_backend, triton_backend  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def solve(backend: str, gram: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The backend's solve kernel itself (no host-side validation of the order table), result on the CPU."""
+    return backends.get_backend(backend, DEVICE).pcgrad_weights(gram.to(DEVICE), order.to(DEVICE), 0.0).cpu()
 
 
 def dyadic_grams(M: int, T: int, gen: torch.Generator) -> torch.Tensor:
@@ -55,17 +54,19 @@ def exact_case(M: int, T: int, gen: torch.Generator):
     pytest.skip("no exact draw found")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T", [2, 3, 4, 5, 8])
-def test_bitwise_equal_to_torch_backend_on_exact_conflict_heavy_grams(T, rng):
+def test_bitwise_equal_to_torch_backend_on_exact_conflict_heavy_grams(backend, T, rng):
     gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
     gram, order = exact_case(7, T, gen)
     expected = torch_backend.pcgrad_weights(gram, order, 0.0)
-    got = triton_backend.pcgrad_weights(gram.to(DEVICE), order.to(DEVICE), 0.0).cpu()
+    got = solve(backend, gram, order)
     assert torch.equal(got, expected)
     assert not torch.equal(expected, gram.new_ones(expected.shape)), "some projection must have happened"
 
 
-def test_bitwise_equal_to_torch_backend_t2_random_grams(rng):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bitwise_equal_to_torch_backend_t2_random_grams(backend, rng):
     # T = 2: d = G[i, j] exactly, so the weights are 1 - G[i, j] / G[j, j] rounded once (inexact
     # divisions of random values): bitwise equal only with IEEE division.
     gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
@@ -75,7 +76,7 @@ def test_bitwise_equal_to_torch_backend_t2_random_grams(rng):
     gram = (v @ v.transpose(1, 2)).float()
     order = random_order(M, 2, generator=gen)
     expected = torch_backend.pcgrad_weights(gram, order, 0.0)
-    got = triton_backend.pcgrad_weights(gram.to(DEVICE), order.to(DEVICE), 0.0).cpu()
+    got = solve(backend, gram, order)
     assert (expected != 1).sum() >= M // 4
     assert torch.equal(got, expected)
 
@@ -112,8 +113,9 @@ def malformed_tables(gen: torch.Generator, M: int, T: int) -> torch.Tensor:
     return order
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T", [2, 3, 5, 9])
-def test_malformed_order_entries_are_skipped(T, rng):
+def test_malformed_order_entries_are_skipped(backend, T, rng):
     gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
     M = 6
     v = torch.randn(M, T, 11, generator=gen)
@@ -121,27 +123,17 @@ def test_malformed_order_entries_are_skipped(T, rng):
     gram = (v @ v.transpose(1, 2)).float()
     order = malformed_tables(gen, M, T)
     expected = skipping_reference(gram, order)
-    got = triton_backend.pcgrad_weights(gram.to(DEVICE), order.to(DEVICE), 0.0).cpu()
+    got = solve(backend, gram, order)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     # an all-malformed table is the plain sum
-    junk = torch.full_like(order, -3)
-    ones = triton_backend.pcgrad_weights(gram.to(DEVICE), junk.to(DEVICE), 0.0).cpu()
-    assert torch.equal(ones, torch.ones(M, T))
+    assert torch.equal(solve(backend, gram, torch.full_like(order, -3)), torch.ones(M, T))
 
 
-def test_malformed_entries_bitwise_like_the_cpu_backend(rng):
-    backends = pytest.importorskip("mgs_kernels.backends.cpu_backend")
-    try:
-        backends.load()
-    except ImportError as exc:
-        pytest.skip(str(exc))
-    gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
-    gram, _ = exact_case(5, 5, gen)
-    order = malformed_tables(gen, 5, 5)
-    expected = skipping_reference(gram, order)
-    if not torch.equal(expected.float().double(), expected):
-        pytest.skip("draw not exact in float32")
-    cpu = backends.pcgrad_weights(gram, order, 0.0)
-    got = triton_backend.pcgrad_weights(gram.to(DEVICE), order.to(DEVICE), 0.0).cpu()
-    assert torch.equal(cpu.double(), expected)
-    assert torch.equal(got, cpu)
+def test_malformed_tables_from_the_host_are_rejected_before_any_kernel():
+    import mgs_kernels as mgs
+
+    gram = torch.eye(3).expand(2, 3, 3).contiguous()
+    order = mgs.fixed_order(2, 3)
+    order[1, 2, 0] = 7
+    with pytest.raises(mgs.MGSInputError, match="must list every task other than i exactly once"):
+        mgs.pcgrad_weights(gram, order=order)
