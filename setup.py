@@ -143,7 +143,7 @@ class BuildExt(build_ext):
             if pybind11 is None:
                 if mode == "1":
                     raise RuntimeError("pybind11 is needed to build the native modules: pip install pybind11")
-                warnings.warn(f"pybind11 not found: skipping {ext.name}")
+                warnings.warn(f"pybind11 not found: skipping {ext.name}", stacklevel=2)
                 continue
             ext.include_dirs.append(pybind11.get_include())
             cflags, lflags = _host_flags(self.compiler.compiler_type)
@@ -166,7 +166,7 @@ class BuildExt(build_ext):
             if mode == "1":
                 raise
             msg = f"mgs_kernels: building {ext.name} failed ({type(exc).__name__}: {exc}); installing without it"
-            warnings.warn(msg)
+            warnings.warn(msg, stacklevel=2)
             print(msg, file=sys.stderr)
             self._mgs_failed.add(ext.name)
 
@@ -237,7 +237,8 @@ setup(
     install_requires=["torch>=2.1"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=4.56", "trl>=1.0", "matplotlib", "tqdm"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=4.56", "trl>=1.0", "matplotlib", "tqdm",
+                 "ruff"],
         "bench": ["tqdm", "matplotlib", "transformers>=4.56"],  # progress bar, --plot, the surgery-cost model
         "integrations": ["transformers>=4.56", "accelerate", "datasets", "trl>=1.0"],
         "plot": ["matplotlib"],

@@ -190,7 +190,7 @@ def bench_scale(args, scale, dtype, esize, bw):
         print(f"{T:>3} {floor_ms:>9.1f} {two_ms:>9.1f} {cpu_ms:>8.1f} {100 * floor_ms / cpu_ms:>7.0f}% {torch_ms:>9.1f} "
               f"{ref_ms:>9.1f} {cpu_ms / floor_ms:>8.2f}x {two_ms / cpu_ms:>7.2f}x {torch_ms / cpu_ms:>8.1f}x "
               f"{ref_ms / cpu_ms:>7.1f}x")
-        del grads, out
+        grads = out = None  # free this case's buffers before the next one is allocated
 
 
 if __name__ == "__main__":

@@ -214,7 +214,6 @@ def copy_bandwidth(device: torch.device, timer: Timer) -> float:
     copy_timer = Timer(device, budget_s=max(timer.budget_s, 0.5), min_reps=10, max_reps=20, flush=False)
     copy_timer._flush = timer._flush  # same cache state as the benchmarks, one flush buffer
     t = copy_timer.measure(fn, first, slow=False)
-    del src, dst
     return 2 * nbytes / (t.median_ms * 1e-3)
 
 
@@ -536,7 +535,6 @@ def run_case(case: Case, provs: Dict[str, providers_mod.Provider], env: dict, ti
             if args.verbose:
                 bar.write(f"  {name:20s} {case.model} {partition:7s} T={T:<3d} N={N:.3g} {case.dtype} "
                           f"{t.median_ms:10.2f} ms  err={err:.1e}", file=sys.stderr)
-    del grads
     return rows
 
 

@@ -2,7 +2,8 @@
 
 A plan is built once per offset table (one host read of the offsets, at most once per tensor and
 version) and caches, per device, the tables backends derive from it (the chunk tables that split every
-module into fixed-size pieces, the torch backend's block layout). Later calls with the same offsets tensor reuse it: no host sync on the hot path.
+module into fixed-size pieces, the torch backend's block layout). Later calls with the same offsets
+tensor reuse it: no host sync on the hot path.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def _offsets_to_host(offsets: OffsetsLike) -> torch.Tensor:
     try:
         values = list(offsets)
     except TypeError:
-        raise MGSInputError(f"offsets must be a 1-D int64 tensor or a sequence of ints, got {type(offsets)}")
+        raise MGSInputError(f"offsets must be a 1-D int64 tensor or a sequence of ints, got {type(offsets)}") from None
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int) and not (
             isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point

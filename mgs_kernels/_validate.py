@@ -102,7 +102,7 @@ def check_eps(eps: float) -> float:
     try:
         eps = float(eps)
     except (TypeError, ValueError):
-        raise MGSInputError(f"eps must be a non-negative float, got {eps!r}")
+        raise MGSInputError(f"eps must be a non-negative float, got {eps!r}") from None
     if not eps >= 0.0:
         raise MGSInputError(f"eps must be a non-negative float, got {eps!r}")
     return eps

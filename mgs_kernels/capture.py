@@ -141,9 +141,10 @@ class ResultGrads:
 
     @property
     def buffer(self) -> torch.Tensor:
-        """[N] tensor the combined gradient lands in (persistent: ``p.grad`` are views of it)."""
+        """[N] tensor the combined gradient lands in (persistent: ``p.grad`` are views of it). Zero-filled once:
+        the alignment gaps between slots stay zero (the fused step writes only the slots)."""
         if self._out is None:
-            self._out = torch.empty(self._numel, dtype=self._dtype, device=self._device)
+            self._out = torch.zeros(self._numel, dtype=self._dtype, device=self._device)
         return self._out
 
     def point_grads(self, touched: Sequence[bool]) -> None:

@@ -163,7 +163,7 @@ def timing(backend_names: List[str], device: torch.device) -> List[Dict[str, obj
             rows.append({"backend": name, "T": T, "dtype": str(dtype)[6:], "N": N, "ms": round(t * 1e3, 3),
                          "GB/s": round((2 * T + 1) * N * g.element_size() / t / 1e9, 1),
                          "copy GB/s": round(bw / 1e9, 1), "% of floor": round(100 * floor / t, 1)})  # fmt: skip
-        del g, out, dst
+        g = out = src = dst = None  # free this case's buffers before the next one is allocated
     return rows
 
 

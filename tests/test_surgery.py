@@ -215,7 +215,7 @@ def test_training_loop_with_optimizer_and_model_zero_grad():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     s = mgs.ModularGradientSurgery(model, num_tasks=2, partition="module")
     losses: List[float] = []
-    for step in range(4):
+    for _ in range(4):
         opt.zero_grad(set_to_none=True)
         for t in range(2):
             with s.capture(t):

@@ -39,7 +39,7 @@ class Backend(ABC):
     # Optional capability: the fused optimizer step (None: the surgery runs resolve + optimizer.step()).
     fused_step: Optional[Callable[..., None]] = None
 
-    def load(self) -> None:
+    def load(self) -> None:  # noqa: B027 - optional hook: most backends need no loading
         """Raise (any exception, with a message saying why) when the backend cannot run in this process."""
 
     def supports(self, device: torch.device) -> bool:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch

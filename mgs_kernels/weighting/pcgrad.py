@@ -58,8 +58,9 @@ def pcgrad_coefficients(gram: torch.Tensor, order: torch.Tensor, eps: float = 0.
         order: int64 [M, T, T-1] visit order on gram's device.
         eps: the conflict test is ``d < 0 and G[j, j] > eps``.
     """
-    for *_, coef in _steps(gram, order, eps):
-        pass
+    coef = None
+    for step in _steps(gram, order, eps):
+        coef = step[-1]
     return coef
 
 
