@@ -236,7 +236,8 @@ setup(
     install_requires=["torch>=2.1"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=4.56", "trl>=1.0", "matplotlib"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=4.56", "trl>=1.0", "matplotlib",
+                 "torchjd[full]==0.18.0"],
         "integrations": ["transformers>=4.56", "accelerate", "datasets", "trl>=1.0"],
         "plot": ["matplotlib"],
     },

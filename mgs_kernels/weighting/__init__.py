@@ -11,7 +11,7 @@ import importlib
 from .base import State, Weighting, get_weighting, methods, register
 
 # Modules that define (and register) methods, imported once here.
-_METHOD_MODULES = ()
+_METHOD_MODULES = ("sum", "mean", "constant", "random", "upgrad", "dualproj", "mgda", "cagrad", "imtl_g", "aligned_mtl", "config", "fairgrad", "nash_mtl", "gradvac", "krum")
 
 for _name in _METHOD_MODULES:
     importlib.import_module(f"{__name__}.{_name}")
