@@ -99,6 +99,7 @@ def alpha_fair(
     iters = torch.zeros(M, dtype=torch.int64, device=dev)
     one = torch.ones((), dtype=dt, device=dev)
     done = res <= _DONE
+    best, best_res = w, res
     for _ in range(max_iters):
         if all_done(done):
             break
@@ -123,7 +124,12 @@ def alpha_fair(
         w = torch.where(move, w - step * delta, w)
         iters = iters + move.squeeze(1).to(torch.int64)
         res = torch.where(done, res, residual(G, w, present, a))
+        # The best iterate is returned: on an ill-conditioned module rounding can make a late step
+        # worse, never the answer.
+        better = res < best_res
+        best = torch.where(better[:, None], w, best)
+        best_res = torch.where(better, res, best_res)
         # Done at the answer, or when the Newton decrement says f is within rounding of its minimum
         # (an ill-conditioned module whose residual cannot reach _DONE).
         done = done | (res <= _DONE) | (move.squeeze(1) & (lam2 <= 1e-26))
-    return w * p, res, iters
+    return best * p, best_res, iters

@@ -9,8 +9,11 @@ with A a (regularised) positive definite T x T matrix, i.e. the KKT conditions o
 
 - ``lcp_pivot``: Murty's least-index principal pivoting on a T x T tableau, one rank-1 update per pivot,
   batched with a done mask. For a P-matrix it terminates at the exact solution after at most 2^T pivots
-  (Murty 1974); in practice after about as many pivots as there are active constraints. A last step of
-  iterative refinement uses the inverse of the active block, which the tableau holds.
+  (Murty 1974); in practice after about as many pivots as there are active constraints. Two steps of
+  iterative refinement use the inverse of the active block, which the tableau holds. ``solve_lcp``
+  checks the KKT conditions on the original data; on the CPU a problem that fails them (the tableau
+  loses about cond(A) digits, which can break a solve when A is close to singular) is re-solved by
+  enumeration.
 - ``lcp_enumerate``: every one of the 2^T candidate active sets at once (batched Cholesky on the
   masked matrices), keeping the candidate with the smallest KKT violation. Fixed cost, no loop: the
   choice on a GPU for T <= 8; on the CPU it costs 2^T factorizations per problem.
@@ -24,8 +27,13 @@ import torch
 
 from ._common import all_done
 
-# Regularisations tried by ``auto_regularization``, relative to a unit diagonal.
-REG_LADDER = (1e-12, 1e-10, 1e-8, 1e-6, 1e-4)
+# Regularisations tried by ``auto_regularization``, relative to a unit diagonal, and the shift of
+# the Cholesky test of each: no regularisation needs the smallest eigenvalue >= 1e-10 (condition
+# number <= ~1e10); a level delta > 0 needs C + delta/2 I positive definite.
+_ENUM_FALLBACK_MAX_T = 10
+
+REG_LADDER = (0.0,) + tuple(10.0 ** -k for k in range(12, 3, -1))  # 0, 1e-12, 1e-11, ..., 1e-4
+_REG_TEST_SHIFT = (-1e-10,) + tuple(0.5 * d for d in REG_LADDER[1:])
 
 
 def default_max_pivots(num_tasks: int) -> int:
@@ -83,14 +91,25 @@ def lcp_pivot(
         z_basic = z_basic ^ ((e * act) > 0)
         pivots = pivots + act.squeeze(-1).to(torch.int64)
     converged = ~(c < thr).any(dim=-1) & ~failed
-    # One step of iterative refinement on the final active set F: the tableau's F x F block is
-    # A_FF^{-1}, so z_F -= A_FF^{-1} (A z + q)_F.
+    # Iterative refinement on the final active set F: the tableau's F x F block is A_FF^{-1}, so
+    # z_F -= A_FF^{-1} (A z + q)_F (twice: the tableau inverse carries the pivots' rounding).
     fmask = z_basic.to(q.dtype)
     z = torch.where(z_basic, c, torch.zeros_like(c))
-    resid = ((A * z[..., None, :]).sum(dim=-1) + q) * fmask
     inv_ff = tab * (fmask[..., :, None] * fmask[..., None, :])
-    z = z - (inv_ff * resid[..., None, :]).sum(dim=-1)
+    for _ in range(2):
+        resid = ((A * z[..., None, :]).sum(dim=-1) + q) * fmask
+        z = z - (inv_ff * resid[..., None, :]).sum(dim=-1)
     return z.clamp_min(0.0), converged, pivots
+
+
+def kkt_ok(A: torch.Tensor, q: torch.Tensor, z: torch.Tensor, rtol: float = 1e-9) -> torch.Tensor:
+    """Whether z >= 0 solves LCP(A, q) to ``rtol``: w = A z + q >= 0 and z_i w_i = 0, measured
+    against the size of the terms. [...] bool."""
+    w = (A * z[..., None, :]).sum(dim=-1) + q
+    scale = q.abs().amax(dim=-1) + ((A.abs() * z[..., None, :]).sum(dim=-1)).amax(dim=-1)
+    tol = rtol * scale + 1e-300
+    compl = (z * w).abs().amax(dim=-1) <= tol * (z.abs().amax(dim=-1) + 1.0)
+    return ((w >= -tol[..., None]).all(dim=-1) & compl & torch.isfinite(w).all(dim=-1))
 
 
 def _subset_masks(T: int, device: torch.device) -> torch.Tensor:
@@ -155,29 +174,40 @@ def solve_lcp(
         return z, conv, torch.zeros(conv.shape, dtype=torch.int64, device=A.device)
     B, R = q.shape[0], q.shape[1]
     a_rep = A[:, None].expand(B, R, T, T)
-    return lcp_pivot(a_rep, q, max_pivots=max_pivots if max_pivots is not None else default_max_pivots(T))
+    z, conv, iters = lcp_pivot(a_rep, q, max_pivots=max_pivots if max_pivots is not None else default_max_pivots(T))
+    conv = conv & kkt_ok(a_rep, q, z)
+    if A.device.type == "cpu" and T <= _ENUM_FALLBACK_MAX_T and B * R > 0 and not bool(conv.all()):
+        # Pivoting on a tableau loses ~cond(A) digits; on the rare ill-conditioned problem where that
+        # breaks the solve, the exact enumeration decides (CPU only: the subset is found on the host).
+        bad = (~conv).nonzero()
+        zb, cb = lcp_enumerate(A[bad[:, 0]], q[bad[:, 0], bad[:, 1]][:, None, :])
+        z = z.index_put((bad[:, 0], bad[:, 1]), zb[:, 0])
+        conv = conv.index_put((bad[:, 0], bad[:, 1]), cb[:, 0])
+    return z, conv, iters
 
 
 def auto_regularization(unit_gram: torch.Tensor) -> torch.Tensor:
-    """Per module, the smallest delta in ``REG_LADDER`` such that ``C + (delta / 2) I`` passes a
-    Cholesky test: [M] float64.
+    """Per module, the smallest delta in ``REG_LADDER`` whose Cholesky test passes: [M] float64.
 
     ``C`` has a unit diagonal (a cosine matrix), so delta is relative to every task's own squared norm.
-    A Gram that is positive semi-definite to working precision gets 1e-12; one that rounding made
-    indefinite (a float32 Gram of exactly conflicting or duplicated tasks) gets the smallest level that
-    restores definiteness, so the QPs stay bounded and the pivots positive.
+    A module whose smallest eigenvalue is at least 1e-10 gets 0 (the exact problem); a (nearly)
+    singular one, where the QP's weights are not unique, gets the smallest level that leaves
+    ``C + delta I`` safely positive definite: 1e-12 for a Gram that is positive semi-definite to
+    working precision, more where rounding made it indefinite (a float32 Gram of exactly conflicting
+    or duplicated tasks), so the QPs stay bounded and the pivots positive.
     """
     M, T, _ = unit_gram.shape
     levels = torch.tensor(REG_LADDER, dtype=unit_gram.dtype, device=unit_gram.device)
+    shifts = torch.tensor(_REG_TEST_SHIFT, dtype=unit_gram.dtype, device=unit_gram.device)
     eye = torch.eye(T, dtype=unit_gram.dtype, device=unit_gram.device)
     if unit_gram.device.type == "cpu" and M > 0:
         # Common case first: when every module passes at the first level, the answer is known.
-        _, st = torch.linalg.cholesky_ex(unit_gram + (levels[0] / 2) * eye)
+        _, st = torch.linalg.cholesky_ex(unit_gram + shifts[0] * eye)
         if bool((st == 0).all()):
             return levels[0].expand(M).clone()
-    trial = unit_gram[:, None] + (levels / 2)[None, :, None, None] * eye
+    trial = unit_gram[:, None] + shifts[None, :, None, None] * eye
     _, status = torch.linalg.cholesky_ex(trial)
     ok = status == 0  # [M, L]
-    ok[:, -1] = True  # the largest level is used when none passes (the module then reports it)
+    ok[:, -1] = True  # the largest level is used when none passes
     first = torch.argmax(ok.to(torch.int8), dim=1)
     return levels[first]

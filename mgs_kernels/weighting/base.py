@@ -9,7 +9,8 @@ step and a CUDA graph).
 Contract of a subclass (see ``Weighting.compute``):
 
 - options are validated in ``__init__`` (bad values raise ``MGSInputError`` naming the option);
-- ``compute`` receives the Grams in float64 and a ``present`` mask [M, T] (task k has a nonzero
+- ``compute`` receives the Grams in float64, symmetrised ((G + G^T) / 2, a no-op for the Grams of
+  ``segmented_gram``), and a ``present`` mask [M, T] (task k has a nonzero
   gradient in module m: G[m, k, k] > 0). Tasks that are not present are left out of that module's
   problem: the others are aggregated as if T were smaller. Their weight is irrelevant to the result
   (their gradient is zero) but is returned as 0 (``__call__`` enforces it);
@@ -114,6 +115,7 @@ class Weighting:
             raise MGSInputError(f"method {self.name!r} keeps per-module state: pass state=... "
                                 "(from init_state, or use ModularGradientSurgery, which keeps it)")
         g = gram.detach().double()
+        g = 0.5 * (g + g.transpose(1, 2))  # exact no-op for a symmetric Gram (segmented_gram's are)
         diag = torch.diagonal(g, dim1=1, dim2=2)
         present = (diag > 0) | ~torch.isfinite(diag)
         # A module with a non-finite entry reaches compute() as an empty module (zero Gram, no task

@@ -93,9 +93,11 @@ def _solve(gn, present, p, b, g0sq, rho, *, reg_eps, max_iters, max_pivots):
     gr = gn + torch.diag_embed(delta[:, None] * d * d * p) + torch.diag_embed(1.0 - p)
     one = torch.ones((), dtype=dt, device=dev)
     rho_safe = torch.where(rho > 0, rho, one)
-    hi = torch.where(present, torch.diagonal(gn, dim1=1, dim2=2), torch.zeros_like(p)).amax(dim=1).sqrt()
+    # |g_w| <= max_k |g_k| (regularised: the problem solved), so t* is in [0, hi].
+    hi = torch.where(present, torch.diagonal(gr, dim1=1, dim2=2), torch.zeros_like(p)).amax(dim=1).sqrt()
     hi = torch.where(hi > 0, hi, one)
     lo = torch.zeros_like(hi)
+    slack = 1e-12 * hi  # t* of a vertex is |g_k| = hi up to rounding
     t = g0sq.clamp_min(0.0).sqrt().clamp(min=1e-3 * hi, max=hi)  # |g0|: the typical size of |g_w|
     done = (rho <= 0) | ~present.any(dim=1)
     w = torch.zeros_like(p)
@@ -133,9 +135,9 @@ def _solve(gn, present, p, b, g0sq, rho, *, reg_eps, max_iters, max_pivots):
         den = 1.0 - qn / (rho_safe * rho_safe)
         ok = (st == 0) & (s1 > 0) & (den > 0)
         t_star = (1.0 / (s1_safe * torch.where(ok, den, one))).sqrt()
-        inside = ok & (t_star > lo) & (t_star < hi)
-        converged_now = ok & ((t_star - t).abs() <= 1e-12 * hi)
-        t_next = torch.where(inside, t_star, 0.5 * (lo + hi))
+        inside = ok & (t_star >= lo - slack) & (t_star <= hi + slack)
+        converged_now = ok & ((t_star - t).abs() <= slack)
+        t_next = torch.where(inside, torch.minimum(torch.maximum(t_star, lo), hi), 0.5 * (lo + hi))
         w_star = x1 / s1_safe[:, None] + (t_star / rho_safe)[:, None] * qv
         w = torch.where((converged_now & ~done)[:, None], w_star, w)
         done = done | converged_now

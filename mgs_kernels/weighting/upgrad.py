@@ -22,8 +22,9 @@ class UPGradWeighting(Weighting):
 
     Options:
         pref_vector: [T] preference weights (default: the mean over the present tasks).
-        reg_eps: regularisation. Default mode: relative to each task's squared norm (None: the smallest
-            of 1e-12, 1e-10, ..., 1e-4 that keeps the module's cosine matrix positive definite).
+        reg_eps: regularisation. Default mode: delta * |g_k|^2 added to every G_kk (None: 0 where the
+            module's cosine matrix has smallest eigenvalue >= 1e-10, i.e. exact UPGrad; else the
+            smallest of 1e-12, 1e-11, ..., 1e-4 that keeps it positive definite; see docs/methods.md).
             With compat="torchjd": added to G / tr G (torchjd default 1e-4).
         norm_eps: compat="torchjd" only: G / tr G is replaced by zeros when tr G < norm_eps (default 1e-4).
         compat: None (scale-invariant per module) or "torchjd" (torchjd's absolute thresholds).
