@@ -10,10 +10,10 @@ with A a (regularised) positive definite T x T matrix, i.e. the KKT conditions o
 - ``lcp_pivot``: Murty's least-index principal pivoting on a T x T tableau, one rank-1 update per pivot,
   batched with a done mask. For a P-matrix it terminates at the exact solution after at most 2^T pivots
   (Murty 1974); in practice after about as many pivots as there are active constraints. Two steps of
-  iterative refinement use the inverse of the active block, which the tableau holds. ``solve_lcp``
-  checks the KKT conditions on the original data; on the CPU a problem that fails them (the tableau
-  loses about cond(A) digits, which can break a solve when A is close to singular) is re-solved by
-  enumeration.
+  iterative refinement use the inverse of the active block, which the tableau holds. The tableau
+  loses about cond(A) digits, so on the CPU ``solve_lcp`` hands the problems whose matrix has an
+  eigenvalue below 1e-8 of its largest diagonal entry, and any that fail the KKT check on the
+  original data, to enumeration.
 - ``lcp_enumerate``: every one of the 2^T candidate active sets at once (batched Cholesky on the
   masked matrices), keeping the candidate with the smallest KKT violation. Fixed cost, no loop: the
   choice on a GPU for T <= 8; on the CPU it costs 2^T factorizations per problem.
@@ -176,13 +176,20 @@ def solve_lcp(
     a_rep = A[:, None].expand(B, R, T, T)
     z, conv, iters = lcp_pivot(a_rep, q, max_pivots=max_pivots if max_pivots is not None else default_max_pivots(T))
     conv = conv & kkt_ok(a_rep, q, z)
-    if A.device.type == "cpu" and T <= _ENUM_FALLBACK_MAX_T and B * R > 0 and not bool(conv.all()):
-        # Pivoting on a tableau loses ~cond(A) digits; on the rare ill-conditioned problem where that
-        # breaks the solve, the exact enumeration decides (CPU only: the subset is found on the host).
-        bad = (~conv).nonzero()
-        zb, cb = lcp_enumerate(A[bad[:, 0]], q[bad[:, 0], bad[:, 1]][:, None, :])
-        z = z.index_put((bad[:, 0], bad[:, 1]), zb[:, 0])
-        conv = conv.index_put((bad[:, 0], bad[:, 1]), cb[:, 0])
+    if A.device.type == "cpu" and T <= _ENUM_FALLBACK_MAX_T and B * R > 0:
+        # The tableau loses about cond(A) digits: matrices with an eigenvalue below 1e-8 of the largest
+        # diagonal entry (singular Grams regularised by ``auto_regularization``) and any problem that
+        # fails the KKT check are solved by enumeration, whose Cholesky solves are backward stable
+        # (CPU only: the subset is found on the host; on a GPU "auto" enumerates everything at T <= 8).
+        scale = torch.diagonal(A, dim1=-2, dim2=-1).amax(dim=-1)
+        eye = torch.eye(T, dtype=A.dtype, device=A.device)
+        _, st = torch.linalg.cholesky_ex(A - (1e-8 * scale)[:, None, None] * eye)
+        redo = ~conv | (st != 0)[:, None]
+        if bool(redo.any()):
+            bad = redo.nonzero()
+            zb, cb = lcp_enumerate(A[bad[:, 0]], q[bad[:, 0], bad[:, 1]][:, None, :])
+            z = z.index_put((bad[:, 0], bad[:, 1]), zb[:, 0])
+            conv = conv.index_put((bad[:, 0], bad[:, 1]), cb[:, 0])
     return z, conv, iters
 
 

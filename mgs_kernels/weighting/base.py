@@ -26,6 +26,7 @@ Contract of a subclass (see ``Weighting.compute``):
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, ClassVar, Dict, Optional
 
@@ -163,4 +164,12 @@ def get_weighting(method: Any, options: Optional[Dict[str, Any]] = None) -> Weig
         return method
     if not isinstance(method, str) or method not in _REGISTRY:
         raise MGSInputError(f"unknown method {method!r}; choose one of {sorted(_REGISTRY)} or pass a Weighting")
-    return _REGISTRY[method](**(options or {}))
+    cls = _REGISTRY[method]
+    options = dict(options or {})
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        known = [k for k, p in params.items() if k != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise MGSInputError(f"method {method!r} takes no option {unknown}; its options are {known}")
+    return cls(**options)

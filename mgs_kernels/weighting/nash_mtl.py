@@ -63,7 +63,8 @@ class NashMTLWeighting(Weighting):
         root = torch.where(tr > 0, tr, torch.ones_like(tr)).sqrt()[:, None]
         # On G / tr G the solution is sqrt(tr G) times the one on G.
         w_n, res, iters = alpha_fair(gn, present, 1.0, max_iters=self.optim_niter, w0=state["alpha"] * root)
-        solve_now = (state["step"] % self.update_weights_every) == 0
+        # A module with no task present (empty, or non-finite: see Weighting.__call__) keeps its weights.
+        solve_now = ((state["step"] % self.update_weights_every) == 0) & present.any(dim=1)
         alpha = torch.where(solve_now[:, None], w_n / root, state["alpha"])
         state["alpha"].copy_(alpha)
         state["step"].add_(1)
