@@ -135,3 +135,13 @@ def test_auto_regularization_levels():
     assert delta[0] == 0.0 and delta[1] == 1e-12
     assert 3e-7 < delta[2] <= 1e-5
     assert (torch.linalg.eigvalsh(indefinite + delta[2] * eye) > 0).all()
+
+
+def test_lcp_pivot_compact_and_masked_are_bitwise_equal(rng):
+    gen = generator(rng)
+    A = random_pd(gen, 200, 6)
+    q = torch.randn(200, 6, generator=gen, dtype=torch.float64)
+    a = lcp_pivot(A, q, max_pivots=64, compact=True)
+    b = lcp_pivot(A, q, max_pivots=64, compact=False)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)

@@ -8,10 +8,11 @@ on the present tasks. This is the stationarity condition of the strictly convex
 
     f(w) = 1/2 w^T G w - sum_i h(w_i),   h'(w) = w^(-1/a)   (h = log w for a = 1),
 
-so Newton's method on f with a backtracking line search converges globally from any w > 0 (and,
-f being self-concordant for a = 1, quadratically within a few steps). The line search tries the step
-sizes 1, 1/2, ..., 2^-(K-1) at once and keeps the longest that stays positive and decreases f
-(Armijo), so every iteration has the same cost. A module is frozen once its residual
+so Newton's method on f with a line search converges globally from any w > 0. The line search tries the
+steps 1, 1/2, ..., 2^-6 and the damped step 1 / (1 + lambda) (lambda the Newton decrement; f is
+self-concordant for a = 1, so that step always stays positive and decreases f) at once and keeps the
+longest that stays positive and decreases f (Armijo), so every iteration has the same cost; the
+quadratic part of f along the step comes from two numbers per module. A module is frozen once its residual
 max_i |w_i^(1/a) (G w)_i - 1| is below 1e-13, or its Newton decrement below 1e-13 (f at its
 minimum to rounding).
 
@@ -28,7 +29,7 @@ import torch
 
 from ._common import all_done, matvec
 
-_STEPS = 24  # line-search candidates 2^0 .. 2^-23
+_STEPS = 8  # line-search candidates 2^0 .. 2^-6 and the damped Newton step
 _DONE = 1e-13
 
 
@@ -39,16 +40,14 @@ def _h(w: torch.Tensor, a: float) -> torch.Tensor:
     return w.pow(e) / e
 
 
-def _objective(G: torch.Tensor, W: torch.Tensor, p: torch.Tensor, a: float) -> torch.Tensor:
-    """f at the candidate rows W [M, K, T]: [M, K]."""
-    gw = (G[:, None, :, :] * W[:, :, None, :]).sum(dim=-1)
-    safe = torch.where(p[:, None, :] > 0, W, torch.ones_like(W))
-    return 0.5 * (gw * W).sum(dim=-1) - (_h(safe.clamp_min(1e-300), a) * p[:, None, :]).sum(dim=-1)
-
-
 def residual(G: torch.Tensor, w: torch.Tensor, present: torch.Tensor, a: float) -> torch.Tensor:
     """max_i |w_i^(1/a) (G w)_i - 1| over the present tasks: [M] (0 for an empty module)."""
-    r = (w.clamp_min(0.0).pow(1.0 / a) * matvec(G, w) - 1.0).abs()
+    return _residual(matvec(G, w), w, present, a)
+
+
+def _residual(gw: torch.Tensor, w: torch.Tensor, present: torch.Tensor, a: float) -> torch.Tensor:
+    wa = w.clamp_min(0.0) if a == 1.0 else w.clamp_min(0.0).pow(1.0 / a)
+    r = (wa * gw - 1.0).abs()
     return torch.where(present, r, torch.zeros_like(r)).amax(dim=1)
 
 
@@ -92,10 +91,11 @@ def alpha_fair(
     dt, dev = G.dtype, G.device
     p = present.to(dt)
     w = diagonal_start(G, present, a, w0)
-    steps = torch.tensor([2.0 ** -k for k in range(_STEPS)], dtype=dt, device=dev)
+    halvings = torch.tensor([2.0 ** -k for k in range(_STEPS - 1)], dtype=dt, device=dev)
     absent_eye = torch.diag_embed(1.0 - p)
     pp = p[:, :, None] * p[:, None, :]
-    res = residual(G, w, present, a)
+    gw = matvec(G, w)
+    res = _residual(gw, w, present, a)
     iters = torch.zeros(M, dtype=torch.int64, device=dev)
     one = torch.ones((), dtype=dt, device=dev)
     done = res <= _DONE
@@ -103,27 +103,39 @@ def alpha_fair(
     for _ in range(max_iters):
         if all_done(done):
             break
-        ws = torch.where(present, w, torch.ones_like(w))
+        ws = torch.where(present, w, one)
         hp = ws.pow(-1.0 / a)
-        grad = (matvec(G, w) - hp) * p
+        grad = (gw - hp) * p
         hess = G * pp + torch.diag_embed((hp / ws) * (p / a)) + absent_eye
         chol, st = torch.linalg.cholesky_ex(hess)
         delta = torch.cholesky_solve(grad[:, :, None], chol).squeeze(-1) * p
         lam2 = (grad * delta).sum(dim=1)
-        cand = w[:, None, :] - steps[None, :, None] * delta[:, None, :]  # [M, K, T]
-        positive = (torch.where(p[:, None, :] > 0, cand, one) > 0).all(dim=-1)
-        f0 = _objective(G, w[:, None, :], p, a)  # [M, 1]
-        fk = _objective(G, cand, p, a)
-        armijo = fk <= f0 - 1e-4 * steps[None, :] * lam2[:, None]
+        gd = matvec(G, delta)
+        # f(w - t delta) - f(w) = -t delta^T G w + t^2/2 delta^T G delta - sum h(w - t delta) + sum h(w):
+        # the quadratic part from two numbers per module, only h per candidate step.
+        q1 = (delta * gw).sum(dim=1, keepdim=True)
+        q2 = 0.5 * (delta * gd).sum(dim=1, keepdim=True)
+        # Steps tried, longest first: 1, 1/2, ..., 2^-6, then the damped Newton step 1 / (1 + lambda)
+        # (for a = 1, f is self-concordant and that step always stays positive and decreases f).
+        damped = 1.0 / (1.0 + lam2.clamp_min(0.0).sqrt())
+        ts = torch.cat((halvings[None, :].expand(M, -1), damped[:, None]), dim=1)  # [M, K]
+        cand = w[:, None, :] - ts[:, :, None] * delta[:, None, :]
+        inside = (cand > 0) | (p[:, None, :] == 0)
+        positive = inside.all(dim=-1)
+        safe = torch.where(inside & (p[:, None, :] > 0), cand, one)
+        dh = ((_h(safe, a) - _h(ws, a)[:, None, :]) * p[:, None, :]).sum(dim=-1)
+        df = -ts * q1 + ts * ts * q2 - dh
+        armijo = df <= -1e-4 * ts * lam2[:, None]
         # Near the answer f no longer resolves the decrease: take the full step (quadratic region).
-        armijo = armijo | ((lam2 < 1e-10)[:, None] & (steps[None, :] == 1.0))
-        good = positive & armijo & torch.isfinite(fk)
+        armijo[:, 0] |= lam2 < 1e-10
+        good = positive & armijo & torch.isfinite(df)
         k = torch.argmax(good.to(torch.int8), dim=1, keepdim=True)  # longest acceptable step
-        step = torch.where(good.any(dim=1, keepdim=True), steps[k], torch.zeros_like(k, dtype=dt))
+        step = torch.where(good.any(dim=1, keepdim=True), ts.gather(1, k), torch.zeros_like(damped)[:, None])
         move = (~done & (st == 0))[:, None]
         w = torch.where(move, w - step * delta, w)
+        gw = matvec(G, w)
         iters = iters + move.squeeze(1).to(torch.int64)
-        res = torch.where(done, res, residual(G, w, present, a))
+        res = torch.where(done, res, _residual(gw, w, present, a))
         # The best iterate is returned: on an ill-conditioned module rounding can make a late step
         # worse, never the answer.
         better = res < best_res

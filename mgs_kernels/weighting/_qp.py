@@ -47,6 +47,7 @@ def lcp_pivot(
     *,
     max_pivots: int,
     tol: float = 1e-13,
+    compact: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Murty's least-index principal pivoting, batched.
 
@@ -55,51 +56,86 @@ def lcp_pivot(
         q: [..., T] float64.
         max_pivots: iteration cap (problems that need more are returned with converged False).
         tol: a component counts as negative below ``-tol * max|q|``.
+        compact: pivot only the problems still active, gathered when fewer than half of the
+            working set are (default: on the CPU, where finding them costs nothing); otherwise every
+            problem runs every iteration with a mask. Both give bitwise the same result.
 
     Returns:
         z [..., T] (>= 0), converged bool [...], pivots int64 [...].
     """
-    T = q.shape[-1]
-    tab = A.clone()
-    c = q.clone()
-    z_basic = torch.zeros_like(q, dtype=torch.bool)
-    thr = -tol * q.abs().amax(dim=-1, keepdim=True)
-    failed = torch.zeros(q.shape[:-1], dtype=torch.bool, device=q.device)
-    pivots = torch.zeros(q.shape[:-1], dtype=torch.int64, device=q.device)
+    lead, T = q.shape[:-1], q.shape[-1]
+    A2 = A.reshape(-1, T, T)
+    q2 = q.reshape(-1, T)
+    if compact is None:
+        compact = q.device.type == "cpu"
+    tab = A2.clone()
+    c = q2.clone()
+    z_basic = torch.zeros_like(q2, dtype=torch.bool)
+    thr = -tol * q2.abs().amax(dim=-1, keepdim=True)
+    failed = torch.zeros(q2.shape[0], dtype=torch.bool, device=q.device)
+    pivots = torch.zeros(q2.shape[0], dtype=torch.int64, device=q.device)
     eye = torch.eye(T, dtype=q.dtype, device=q.device)
+    # Working set: with ``compact``, the problems still pivoting, gathered (and the finished ones written
+    # back) whenever fewer than half of the set are active; otherwise all problems, masked.
+    ws = None
+    w_tab, w_c, w_zb, w_thr, w_failed, w_piv = tab, c, z_basic, thr, failed, pivots
     for _ in range(max_pivots):
-        neg = c < thr
-        active = neg.any(dim=-1) & ~failed
+        neg = w_c < w_thr
+        active = neg.any(dim=-1) & ~w_failed
         if all_done(~active):
             break
+        if compact and 2 * int(active.sum()) < active.numel():
+            if ws is not None:  # write the working set back, then shrink it
+                tab.index_copy_(0, ws, w_tab)
+                c.index_copy_(0, ws, w_c)
+                z_basic.index_copy_(0, ws, w_zb)
+                failed.index_copy_(0, ws, w_failed)
+                pivots.index_copy_(0, ws, w_piv)
+                keep = ws[active]
+            else:  # the full-size state so far (tab and c were updated in place)
+                z_basic, failed, pivots = w_zb, w_failed, w_piv
+                keep = active.nonzero().squeeze(1)
+            ws = keep
+            w_tab, w_c, w_zb = tab.index_select(0, ws), c.index_select(0, ws), z_basic.index_select(0, ws)
+            w_thr, w_failed, w_piv = thr.index_select(0, ws), failed.index_select(0, ws), pivots.index_select(0, ws)
+            neg = neg[active]
+            active = active[active]
+        act = active.to(q.dtype)[:, None]
         k = torch.argmax(neg.to(torch.int8), dim=-1, keepdim=True)  # least index with c_k < 0
-        e = eye[k.squeeze(-1)]  # [..., T] one-hot
-        col = tab.gather(-1, k[..., None].expand(*k.shape[:-1], T, 1)).squeeze(-1)  # A[:, k]
-        row = tab.gather(-2, k[..., None].expand(*k.shape[:-1], 1, T)).squeeze(-2)  # A[k, :]
-        p = col.gather(-1, k)  # [..., 1]
-        bad = active & ~(p.squeeze(-1) > 1e-300)  # not a P-matrix (should not happen): stop
-        failed = failed | bad
-        act = (active & ~bad).to(q.dtype)[..., None]
-        p_safe = torch.where(act > 0, p, torch.ones_like(p))
+        e = eye[k.squeeze(-1)]  # one-hot
+        col = w_tab.gather(-1, k[:, :, None].expand(-1, T, 1)).squeeze(-1)  # A[:, k]
+        row = w_tab.gather(-2, k[:, :, None].expand(-1, 1, T)).squeeze(-2)  # A[k, :]
+        p = col.gather(-1, k)
+        ok = (p > 1e-300) & (act > 0)  # a P-matrix has positive pivots; else the problem stops
+        p_safe = torch.where(ok, p, torch.ones_like(p))
+        okf = ok.to(q.dtype)
         # Principal pivot on k as one rank-1 update: A' = A - (A[:, k] + e_k)(A[k, :] - e_k)^T / A_kk,
         # c' = c - (A[:, k] + e_k) c_k / A_kk (exchanges z_k and w_k in the basis).
-        a = (col + e) * act
+        a = (col + e) * okf
         bv = (row - e) / p_safe
-        tab.sub_(a[..., :, None] * bv[..., None, :])
-        ck = c.gather(-1, k)
-        c.sub_(a * (ck / p_safe))
-        z_basic = z_basic ^ ((e * act) > 0)
-        pivots = pivots + act.squeeze(-1).to(torch.int64)
+        w_tab.addcmul_(a[:, :, None], bv[:, None, :], value=-1.0)
+        w_c.sub_(a * (w_c.gather(-1, k) / p_safe))
+        w_zb = w_zb ^ ((e * okf) > 0)
+        w_piv = w_piv + ok.squeeze(-1).to(torch.int64)
+        w_failed = w_failed | (active & ~ok.squeeze(-1))
+    if ws is not None:
+        tab.index_copy_(0, ws, w_tab)
+        c.index_copy_(0, ws, w_c)
+        z_basic.index_copy_(0, ws, w_zb)
+        failed.index_copy_(0, ws, w_failed)
+        pivots.index_copy_(0, ws, w_piv)
+    else:
+        tab, c, z_basic, failed, pivots = w_tab, w_c, w_zb, w_failed, w_piv
     converged = ~(c < thr).any(dim=-1) & ~failed
     # Iterative refinement on the final active set F: the tableau's F x F block is A_FF^{-1}, so
     # z_F -= A_FF^{-1} (A z + q)_F (twice: the tableau inverse carries the pivots' rounding).
     fmask = z_basic.to(q.dtype)
     z = torch.where(z_basic, c, torch.zeros_like(c))
-    inv_ff = tab * (fmask[..., :, None] * fmask[..., None, :])
+    inv_ff = tab * (fmask[:, :, None] * fmask[:, None, :])
     for _ in range(2):
-        resid = ((A * z[..., None, :]).sum(dim=-1) + q) * fmask
-        z = z - (inv_ff * resid[..., None, :]).sum(dim=-1)
-    return z.clamp_min(0.0), converged, pivots
+        resid = ((A2 * z[:, None, :]).sum(dim=-1) + q2) * fmask
+        z = z - (inv_ff * resid[:, None, :]).sum(dim=-1)
+    return z.clamp_min(0.0).reshape(q.shape), converged.reshape(lead), pivots.reshape(lead)
 
 
 def kkt_ok(A: torch.Tensor, q: torch.Tensor, z: torch.Tensor, rtol: float = 1e-9) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ._common import check_vector, cosine, matvec, pref_weights, quad, trace_normalize
-from ._spectral import apply_spectral, eig_with_rank, safe_inv
+from ._spectral import pinv_solve
 from .base import State, Weighting, register
 
 
@@ -17,7 +17,10 @@ class ConFIGWeighting(Weighting):
     weights p (default 1 on the present tasks), scaled so that its length is the sum of the tasks'
     projections on it. In Gram space, with C the cosine matrix and D = diag |g_k|:
 
-        a = D^-1 C^+ p,   W = (1^T G a / a^T G a) a      (0 when a^T G a = 0)
+        a = D^-1 C^+ p,   W = (1^T G a / max(a^T G a, 1e-24)) a
+
+    (a^T G a is scale-free; the floor is torchjd's F.normalize eps, squared: a direction numerically 0,
+    where p is orthogonal to the range of C, gives ~0.)
 
     C^+ keeps the eigenvalues of C above T * eps(input dtype) * the largest. (torchjd takes the pseudo-
     inverse of the [T, N] matrix of unit gradients, whose singular-value cut-off max(T, N) eps sigma_max
@@ -42,11 +45,10 @@ class ConFIGWeighting(Weighting):
         pw = pref_weights(self.name, self.pref_vector, present, "ones")
         gn, _ = trace_normalize(gram)
         c, d = cosine(gn, present, absent_diag=0.0)
-        lam, V, kept = eig_with_rank(c, input_eps, info)
-        a = apply_spectral(lam, V, safe_inv(lam, kept), pw) / d
+        a = pinv_solve(c, pw, present, input_eps, info) / d
         ones = present.to(gn.dtype)
-        aga = quad(gn, a)
+        # |J^T a|^2 = (C^+ p)^T C (C^+ p) does not depend on the scale of G; as torchjd's
+        # F.normalize(eps=1e-12), a direction shorter than 1e-12 is not normalised (the result is ~0).
+        aga = quad(gn, a).clamp_min(1e-24)
         num = (matvec(gn, a) * ones).sum(dim=1)
-        ok = aga > 0
-        return torch.where(ok[:, None], (num / torch.where(ok, aga, torch.ones_like(aga)))[:, None] * a,
-                           torch.zeros_like(a))
+        return (num / aga)[:, None] * a

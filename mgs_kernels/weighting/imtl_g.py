@@ -8,7 +8,7 @@ from typing import Dict, Optional
 import torch
 
 from ._common import COMPAT_CHOICES, check_choice, trace_normalize
-from ._spectral import apply_spectral, eig_with_rank, safe_inv
+from ._spectral import pinv_solve
 from .base import State, Weighting, register
 
 
@@ -37,9 +37,8 @@ class IMTLGWeighting(Weighting):
                 generator: Optional[torch.Generator], info: Dict[str, torch.Tensor],
                 input_eps: float = 2.0 ** -52) -> torch.Tensor:
         gn, tr = trace_normalize(gram)
-        lam, V, kept = eig_with_rank(gn, input_eps, info)
         d = torch.diagonal(gn, dim1=1, dim2=2).clamp_min(0.0).sqrt()
-        v = apply_spectral(lam, V, safe_inv(lam, kept), d)
+        v = pinv_solve(gn, d, present, input_eps, info)
         v_sum = v.sum(dim=1)
         # On G itself v is v(G / tr G) / sqrt(tr G).
         test = v_sum.abs() if self.compat is None else v_sum.abs() / tr.clamp_min(1e-300).sqrt()

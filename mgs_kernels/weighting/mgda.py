@@ -59,10 +59,11 @@ class MGDAWeighting(Weighting):
         eye = torch.eye(T, dtype=g.dtype, device=g.device)
         diag = torch.diagonal(g, dim1=1, dim2=2)
         one = torch.ones((), dtype=g.dtype, device=g.device)
+        zero = torch.zeros((), dtype=g.dtype, device=g.device)
         done = ~present.any(dim=1)
         iters = torch.zeros(M, dtype=torch.int64, device=g.device)
-        for _ in range(self.max_iters):
-            if all_done(done):
+        for it in range(self.max_iters):
+            if it % 4 == 0 and all_done(done):
                 break
             g_alpha = matvec(g, alpha)
             t = torch.argmin(torch.where(present, g_alpha, big), dim=1, keepdim=True)
@@ -70,15 +71,14 @@ class MGDAWeighting(Weighting):
             b = (g_alpha * alpha).sum(dim=1)  # alpha^T G alpha
             c = diag.gather(1, t).squeeze(1)  # e_t^T G e_t
             den = b + c - 2.0 * a
-            ratio = (b - a) / torch.where(den > 0, den, one)
-            gamma = torch.where(c <= a, one, torch.where(b <= a, torch.zeros_like(one), ratio))
-            gamma = torch.where(done, torch.zeros_like(gamma), gamma)
-            new = (1.0 - gamma)[:, None] * alpha + gamma[:, None] * eye[t.squeeze(1)]
-            iters = iters + (~done).to(torch.int64)
-            # Stopping where torchjd stops (gamma < epsilon), or where the iterate no longer moves (a
-            # fixed point: the remaining iterations would repeat it), gives torchjd's result.
-            done = done | (gamma < self.epsilon) | (new == alpha).all(dim=1)
-            alpha = new
+            gamma = torch.where(c <= a, one, torch.where(b <= a, zero, (b - a) / torch.where(den > 0, den, one)))
+            gamma = torch.where(done, zero, gamma)
+            at_vertex = alpha.gather(1, t).squeeze(1) == 1.0
+            alpha = (1.0 - gamma)[:, None] * alpha + gamma[:, None] * eye[t.squeeze(1)]
+            iters += ~done
+            # Stopping where torchjd stops (gamma < epsilon), or at a vertex that the next steps would
+            # repeat (gamma = 1 towards the vertex it is on), gives torchjd's result.
+            done = done | (gamma < self.epsilon) | ((gamma == 1.0) & at_vertex)
         info["converged"] = done
         info["iterations"] = iters
         return alpha
