@@ -145,3 +145,14 @@ def test_lcp_pivot_compact_and_masked_are_bitwise_equal(rng):
     b = lcp_pivot(A, q, max_pivots=64, compact=False)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+def test_lcp_pivot_from_the_full_basis(rng):
+    gen = generator(rng)
+    A = random_pd(gen, 100, 6)
+    q = -torch.rand(100, 6, generator=gen, dtype=torch.float64)
+    a = lcp_pivot(A, q, max_pivots=64)
+    b = lcp_pivot(A, q, max_pivots=64, start_all=True)
+    assert a[1].all() and b[1].all()
+    assert torch.allclose(a[0], b[0], rtol=1e-10, atol=1e-12)
+    assert b[2].sum() < a[2].sum()  # most constraints inactive: fewer pivots from the full basis

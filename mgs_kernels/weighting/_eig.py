@@ -42,7 +42,7 @@ def _schedule(n: int) -> Tuple[Tuple[List[int], ...], List[int]]:
 def sym_eig(
     A: torch.Tensor,
     *,
-    max_sweeps: int = 12,
+    max_sweeps: int = 10,
     rtol: float = 1e-15,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of symmetric matrices.

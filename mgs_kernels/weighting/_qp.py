@@ -48,6 +48,7 @@ def lcp_pivot(
     max_pivots: int,
     tol: float = 1e-13,
     compact: Optional[bool] = None,
+    start_all: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Murty's least-index principal pivoting, batched.
 
@@ -59,6 +60,8 @@ def lcp_pivot(
         compact: pivot only the problems still active, gathered when fewer than half of the
             working set are (default: on the CPU, where finding them costs nothing); otherwise every
             problem runs every iteration with a mask. Both give bitwise the same result.
+        start_all: start from the basis with every z_k basic (tableau A^-1, by Cholesky) instead of
+            none: fewer pivots when most constraints are inactive at the solution (min-norm points).
 
     Returns:
         z [..., T] (>= 0), converged bool [...], pivots int64 [...].
@@ -68,9 +71,15 @@ def lcp_pivot(
     q2 = q.reshape(-1, T)
     if compact is None:
         compact = q.device.type == "cpu"
-    tab = A2.clone()
-    c = q2.clone()
-    z_basic = torch.zeros_like(q2, dtype=torch.bool)
+    if start_all:
+        chol, _ = torch.linalg.cholesky_ex(A2)
+        tab = torch.cholesky_inverse(chol)
+        c = -(tab * q2[:, None, :]).sum(dim=-1)
+        z_basic = torch.ones_like(q2, dtype=torch.bool)
+    else:
+        tab = A2.clone()
+        c = q2.clone()
+        z_basic = torch.zeros_like(q2, dtype=torch.bool)
     thr = -tol * q2.abs().amax(dim=-1, keepdim=True)
     failed = torch.zeros(q2.shape[0], dtype=torch.bool, device=q.device)
     pivots = torch.zeros(q2.shape[0], dtype=torch.int64, device=q.device)
@@ -191,6 +200,7 @@ def solve_lcp(
     *,
     solver: str,
     max_pivots: Optional[int] = None,
+    start_all: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LCP(A, q) for R right-hand sides per matrix.
 
@@ -198,6 +208,7 @@ def solve_lcp(
         A: [B, T, T]; q: [B, R, T].
         solver: "pivot" | "enumerate" | "auto" (enumerate on a GPU for T <= 8, else pivot).
         max_pivots: cap of the pivoting solver (default ``default_max_pivots(T)``).
+        start_all: see ``lcp_pivot``.
 
     Returns:
         z [B, R, T], converged bool [B, R], iterations int64 [B, R] (pivots; 0 for enumeration).
@@ -210,7 +221,8 @@ def solve_lcp(
         return z, conv, torch.zeros(conv.shape, dtype=torch.int64, device=A.device)
     B, R = q.shape[0], q.shape[1]
     a_rep = A[:, None].expand(B, R, T, T)
-    z, conv, iters = lcp_pivot(a_rep, q, max_pivots=max_pivots if max_pivots is not None else default_max_pivots(T))
+    z, conv, iters = lcp_pivot(a_rep, q, max_pivots=max_pivots if max_pivots is not None else default_max_pivots(T),
+                               start_all=start_all)
     conv = conv & kkt_ok(a_rep, q, z)
     if A.device.type == "cpu" and T <= _ENUM_FALLBACK_MAX_T and B * R > 0:
         # The tableau loses about cond(A) digits: matrices with an eigenvalue below 1e-8 of the largest

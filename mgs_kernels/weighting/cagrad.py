@@ -110,7 +110,7 @@ def _solve(gn, present, p, b, g0sq, rho, *, reg_eps, max_iters, max_pivots):
         s = rho_safe / t
         kk = g0sq / s
         Q = (0.5 * s)[:, None, None] * gr * pp + bp + kk[:, None, None] * pp + torch.diag_embed(1.0 - p)
-        z, _, _ = solve_lcp(Q, (-p)[:, None, :], solver="auto", max_pivots=max_pivots)
+        z, _, _ = solve_lcp(Q, (-p)[:, None, :], solver="auto", max_pivots=max_pivots, start_all=True)
         z = z[:, 0]
         zs = z.sum(dim=1, keepdim=True)
         w_t = z / torch.where(zs > 0, zs, one)

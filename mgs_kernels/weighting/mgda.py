@@ -95,7 +95,7 @@ def min_norm_point(gram: torch.Tensor, present: torch.Tensor, *, reg_eps: Option
     a, d, delta = regularized_cosine(gram, present, reg_eps)
     p = present.to(gram.dtype)
     q = -(p / d)
-    z, conv, iters = solve_lcp(a, q[:, None, :], solver="auto", max_pivots=max_pivots)
+    z, conv, iters = solve_lcp(a, q[:, None, :], solver="auto", max_pivots=max_pivots, start_all=True)
     b = z[:, 0] / d
     s = b.sum(dim=1, keepdim=True)
     info["converged"] = conv[:, 0]
