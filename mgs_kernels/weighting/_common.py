@@ -146,6 +146,16 @@ def matvec(gram: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- loops
+# CPU shortcuts (reading a flag or gathering a subset costs nothing without a device to wait for).
+# Tests switch them off to run, on the CPU, the code path a GPU takes.
+HOST_SHORTCUTS = True
+
+
+def host_shortcuts(t: torch.Tensor) -> bool:
+    """Whether ``t``'s device allows host-side decisions (the CPU, unless switched off for tests)."""
+    return HOST_SHORTCUTS and t.device.type == "cpu"
+
+
 def all_done(done: torch.Tensor) -> bool:
     """True when every problem is done and the tensors live on the CPU.
 
@@ -153,7 +163,7 @@ def all_done(done: torch.Tensor) -> bool:
     gives bitwise the same result as running the full iteration count. On a GPU the loop always runs
     the full count (no host sync); on the CPU reading the flag costs nothing.
     """
-    return done.device.type == "cpu" and bool(done.all())
+    return host_shortcuts(done) and bool(done.all())
 
 
 def set_info(info: dict, **values: torch.Tensor) -> None:

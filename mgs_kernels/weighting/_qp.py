@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._common import all_done
+from ._common import all_done, host_shortcuts
 
 # Regularisations tried by ``auto_regularization``, relative to a unit diagonal, and the shift of
 # the Cholesky test of each: no regularisation needs the smallest eigenvalue >= 1e-10 (condition
@@ -70,7 +70,7 @@ def lcp_pivot(
     A2 = A.reshape(-1, T, T)
     q2 = q.reshape(-1, T)
     if compact is None:
-        compact = q.device.type == "cpu"
+        compact = host_shortcuts(q)
     if start_all:
         chol, _ = torch.linalg.cholesky_ex(A2)
         tab = torch.cholesky_inverse(chol)
@@ -215,7 +215,7 @@ def solve_lcp(
     """
     T = A.shape[-1]
     if solver == "auto":
-        solver = "enumerate" if (A.device.type != "cpu" and T <= 8) else "pivot"
+        solver = "pivot" if (host_shortcuts(A) or T > 8) else "enumerate"
     if solver == "enumerate":
         z, conv = lcp_enumerate(A, q)
         return z, conv, torch.zeros(conv.shape, dtype=torch.int64, device=A.device)
@@ -224,7 +224,7 @@ def solve_lcp(
     z, conv, iters = lcp_pivot(a_rep, q, max_pivots=max_pivots if max_pivots is not None else default_max_pivots(T),
                                start_all=start_all)
     conv = conv & kkt_ok(a_rep, q, z)
-    if A.device.type == "cpu" and T <= _ENUM_FALLBACK_MAX_T and B * R > 0:
+    if host_shortcuts(A) and T <= _ENUM_FALLBACK_MAX_T and B * R > 0:
         # The tableau loses about cond(A) digits: matrices with an eigenvalue below 1e-8 of the largest
         # diagonal entry (singular Grams regularised by ``auto_regularization``) and any problem that
         # fails the KKT check are solved by enumeration, whose Cholesky solves are backward stable
@@ -255,7 +255,7 @@ def auto_regularization(unit_gram: torch.Tensor) -> torch.Tensor:
     levels = torch.tensor(REG_LADDER, dtype=unit_gram.dtype, device=unit_gram.device)
     shifts = torch.tensor(_REG_TEST_SHIFT, dtype=unit_gram.dtype, device=unit_gram.device)
     eye = torch.eye(T, dtype=unit_gram.dtype, device=unit_gram.device)
-    if unit_gram.device.type == "cpu" and M > 0:
+    if host_shortcuts(unit_gram) and M > 0:
         # Common case first: when every module passes at the first level, the answer is known.
         _, st = torch.linalg.cholesky_ex(unit_gram + shifts[0] * eye)
         if bool((st == 0).all()):

@@ -6,6 +6,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from ._common import host_shortcuts
 from ._eig import sym_eig
 
 
@@ -58,7 +59,7 @@ def pinv_solve(A: torch.Tensor, x: torch.Tensor, present: torch.Tensor, input_ep
     eye = torch.eye(T, dtype=A.dtype, device=A.device)
     _, st = torch.linalg.cholesky_ex(iso - (4 * T * input_eps * tr)[:, None, None] * eye)
     fast = (st == 0) & (tr > 0)
-    if A.device.type != "cpu" or T == 1:
+    if not host_shortcuts(A) or T == 1:
         lam, V, kept = eig_with_rank(A, input_eps, info)
         return apply_spectral(lam, V, safe_inv(lam, kept), x)
     out = torch.zeros_like(x)
