@@ -53,8 +53,8 @@ def grams(seed, family, M, T, scale=1.0):
 
 
 def test_every_method_is_registered():
-    assert set(methods()) == set(CONFIGS)
-    assert "pcgrad" not in methods()  # reserved for the integrator
+    assert set(CONFIGS) <= set(methods())  # (pcgrad, the integrator's, may be registered too)
+    assert set(methods()) - set(CONFIGS) <= {"pcgrad"}
 
 
 # ----------------------------------------------------------------------------------------- invariances
