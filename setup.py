@@ -238,7 +238,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=4.56", "trl>=1.0", "matplotlib", "tqdm",
-                 "ruff"],
+                 "ruff", "torchjd[full]==0.18.0"],
         "bench": ["tqdm", "matplotlib", "transformers>=4.56"],  # progress bar, --plot, the surgery-cost model
         "integrations": ["transformers>=4.56", "accelerate", "datasets", "trl>=1.0"],
         "plot": ["matplotlib"],

@@ -21,7 +21,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from .._validate import check_eps
+from .._validate import check_eps, check_gram
 from ..order import OrderLike, order_table, parse_order
 from .base import State, Weighting, register
 
@@ -111,16 +111,17 @@ class PCGrad(Weighting):
 
     def __call__(self, gram: torch.Tensor, *, state: Optional[State] = None,
                  generator: Optional[torch.Generator] = None, info: Optional[Dict[str, torch.Tensor]] = None,
-                 backend=None) -> torch.Tensor:
+                 dtype: torch.dtype = torch.float32, backend=None) -> torch.Tensor:
         from .. import backends
 
+        check_gram(gram)
         M, T, _ = gram.shape
         table = order_table(self.order, M, T, gram.device, generator)
         be = backend if backend is not None else backends.get_backend("auto", gram.device, T)
         weights = be.pcgrad_weights(gram.float().contiguous(), table, self.eps)
         if info is not None:
             info["order"] = table
-        return weights
+        return weights.to(dtype)
 
     def compute(self, gram, present, *, state, generator, info):
         M, T, _ = gram.shape
