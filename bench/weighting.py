@@ -70,11 +70,11 @@ def torchjd_objects(key: str, T: int):
     }
     if key in table:
         make_w, make_agg = table[key]
-        return (lambda: (lambda g, s, w=make_w(): w(g))), make_agg
+        return (lambda: (lambda g, s, w=make_w(): w(g))), make_agg  # noqa: B008 - one instance per closure
     if key == "config":
         return (lambda: (lambda g, s: A.ConFIG()(s))), A.ConFIG
     if key == "nash_mtl":
-        return (lambda: (lambda g, s, a=A.NashMTL(n_tasks=T): a(s))), (lambda: A.NashMTL(n_tasks=T))
+        return (lambda: (lambda g, s, a=A.NashMTL(n_tasks=T): a(s))), (lambda: A.NashMTL(n_tasks=T))  # noqa: B008
     return None
 
 

@@ -6,7 +6,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ._common import (COMPAT_CHOICES, all_done, check_choice, check_float, check_int, cosine, eye_like, matvec,
+from ._common import (COMPAT_CHOICES, all_done, check_choice, check_float, check_int, cosine, matvec,
                       mean_weights, quad, trace_normalize)
 from ._qp import auto_regularization, solve_lcp
 from .base import State, Weighting, register
@@ -88,7 +88,6 @@ def _solve(gn, present, p, b, g0sq, rho, *, reg_eps, max_iters, max_pivots):
     dt, dev = gn.dtype, gn.device
     c, d = cosine(gn, present)
     delta = auto_regularization(c) if reg_eps is None else torch.full((M,), float(reg_eps), dtype=dt, device=dev)
-    eye = eye_like(gn)
     # Regularised G (relative to each task's squared norm), absent tasks isolated.
     gr = gn + torch.diag_embed(delta[:, None] * d * d * p) + torch.diag_embed(1.0 - p)
     one = torch.ones((), dtype=dt, device=dev)
