@@ -33,6 +33,8 @@ TASKS = ["gsm8k", "code", "chat"]
 SINGLE = ["checks", "defaults", "sorted", "micro1", "micro4", "micro12", "padded", "clipped", "single",
           "entropy_kl", "entropy_kl_single"]
 MULTI = ["rank_mixed", "rank_micro3"]
+METHOD = ["defaults", "micro4"]  # a launch whose engine runs another Gram-space method (UPGrad)
+METHOD_OPTIONS = {"method": "upgrad"}
 TOL = 1e-5  # relative error of the optimizer's gradient vs float64 modular PCGrad of verl's task gradients
 TOL_PLAIN = 1e-6  # single-task batch vs plain verl
 
@@ -43,7 +45,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(tmp: Path, model: Path, world: int, scenarios):
+def _start(tmp: Path, model: Path, world: int, scenarios, surgery_options=None):
     """Start the ``world`` worker processes of one launch; returns a function that waits for their results."""
     env = dict(os.environ)
     env.update(
@@ -52,7 +54,7 @@ def _start(tmp: Path, model: Path, world: int, scenarios):
         # What a Ray worker's runtime_env carries (README "verl"): verl imports these modules when it is
         # imported; the CPU platform first, then ours, which registers the engine from MGS_VERL_OPTIONS.
         VERL_USE_EXTERNAL_MODULES="cpu_platform,mgs_kernels.integrations.verl",
-        MGS_VERL_OPTIONS=json.dumps({"task_names": TASKS, "seed": 3, "partition": "module"}),
+        MGS_VERL_OPTIONS=json.dumps({"task_names": TASKS, "seed": 3, "partition": "module", **(surgery_options or {})}),
         OMP_NUM_THREADS="1",
     )
     env.pop("VERL_ENGINE_VENDOR", None)
@@ -98,7 +100,8 @@ def model_dir(tmp_path_factory) -> Path:
 def launches(model_dir, tmp_path_factory) -> dict:
     """Both launches at once (most of a worker's time is importing verl, which overlaps well)."""
     waits = {"one_rank": _start(tmp_path_factory.mktemp("one_rank"), model_dir, 1, SINGLE),
-             "two_ranks": _start(tmp_path_factory.mktemp("two_ranks"), model_dir, 2, MULTI)}
+             "two_ranks": _start(tmp_path_factory.mktemp("two_ranks"), model_dir, 2, MULTI),
+             "method": _start(tmp_path_factory.mktemp("method"), model_dir, 1, METHOD, METHOD_OPTIONS)}
     return {name: wait() for name, wait in waits.items()}
 
 
@@ -110,6 +113,11 @@ def one_rank(launches) -> dict:
 @pytest.fixture(scope="module")
 def two_ranks(launches) -> list:
     return launches["two_ranks"]
+
+
+@pytest.fixture(scope="module")
+def method_run(launches) -> dict:
+    return launches["method"][0]
 
 
 def _check_scenario(result: dict, steps: int) -> None:
@@ -197,3 +205,11 @@ def test_two_ranks_mixed_tasks(two_ranks, name):
     empty = r0["metrics"]["mgs/empty_backward_passes"]
     assert sum(empty) > 0  # some rank ran a task it did not hold, to stay in step with the other
     assert sum(empty) < sum(passes)
+
+
+@pytest.mark.parametrize("name", METHOD)
+def test_another_method_through_the_engine_options(method_run, name):
+    """method="upgrad" in MGS_VERL_OPTIONS: the optimizer's gradient equals float64 UPGrad per module of verl's
+    own task gradients (the reference in verl_cpu.py applies the same method)."""
+    _check_scenario(method_run[name], steps=4 if name == "defaults" else 1)
+    assert method_run[name]["method"] == "upgrad"

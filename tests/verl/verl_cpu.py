@@ -291,9 +291,24 @@ def run_entropy_kl(plain, mgs_worker, mgs_rec, plain_rec, single: bool) -> dict:
             "plain_rel": [rel(g, p) for g, p in zip(mgs_steps, plain_steps)]}
 
 
-def run_scenarios(rank: int, world: int, model_dir: str, names, out_path: str) -> None:
+def expected_update(grads: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """float64 [N]: the engine's method (MGS_VERL_OPTIONS) applied per module to the task gradients [T, N]."""
     from mgs_kernels import reference
+    from mgs_kernels.weighting import get_weighting
 
+    options = json.loads(os.environ.get("MGS_VERL_OPTIONS", "{}"))
+    method = options.get("method", "pcgrad")
+    if method == "pcgrad":
+        return reference.modular_pcgrad(grads, offsets, order=order, dtype=torch.float64)
+    weights = get_weighting(method, options.get("method_options"))(reference.gram(grads, offsets), dtype=torch.float64)
+    out = torch.zeros(grads.shape[1], dtype=torch.float64)
+    bounds = offsets.tolist()
+    for m in range(len(bounds) - 1):
+        out[bounds[m]:bounds[m + 1]] = weights[m] @ grads[:, bounds[m]:bounds[m + 1]]
+    return out
+
+
+def run_scenarios(rank: int, world: int, model_dir: str, names, out_path: str) -> None:
     plain = make_worker(model_dir, vendor=None)
     engine_cls_plain = type(plain.engine).__name__
     mgs_worker = make_worker(model_dir, vendor="mgs")
@@ -326,7 +341,7 @@ def run_scenarios(rank: int, world: int, model_dir: str, names, out_path: str) -
         step_errs, naive_errs, plain_errs = [], [], []
         for k, got in enumerate(mgs_steps):
             grads = torch.stack([per_task[t][k] for t in range(len(TASKS))])
-            expected = reference.modular_pcgrad(grads, layout.offsets, order=tables[k], dtype=torch.float64)
+            expected = expected_update(grads, layout.offsets, tables[k])
             naive = grads.sum(0)
             if clip is not None:
                 expected = expected * min(1.0, clip / (float(expected.norm()) + 1e-6))
@@ -335,6 +350,7 @@ def run_scenarios(rank: int, world: int, model_dir: str, names, out_path: str) -
             naive_errs.append(rel(naive, expected))  # how far plain verl is from MGS: the test can fail
             plain_errs.append(rel(got, plain_steps[k]))
         results[name] = {
+            "method": mgs_worker.engine.mgs_surgery.weighting.name,
             "steps": len(mgs_steps), "plain_steps": len(plain_steps), "rel_err": step_errs,
             "naive_rel": naive_errs, "plain_rel": plain_errs,
             "sum_vs_plain": [rel(sum(per_task[t][k] for t in range(len(TASKS))), plain_steps[k])
