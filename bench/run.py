@@ -624,7 +624,7 @@ def surgery_cost(provs: Dict[str, providers_mod.Provider], env: dict, timer: Tim
             with s.capture(task):
                 model(input_ids=torch.roll(ids, task, 1), labels=torch.roll(ids, task, 1)).loss.backward()
         _, first = timer.once(s.resolve)
-        auto = mgs_kernels.backends.get_backend("auto", device).__name__.rsplit(".", 1)[-1]
+        auto = s.backend_name
         timed.append((f"ModularGradientSurgery.resolve (auto: {auto})", timer.measure(s.resolve, first, slow=False)))
         s.remove()
     except Exception as exc:  # noqa: BLE001

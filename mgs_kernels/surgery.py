@@ -124,6 +124,7 @@ class ModularGradientSurgery:
         self.result = ResultGrads(slots, N, self.dtype, self.device)
         self._fused = FusedStep(slots, self.device)
         self._excluded = torch.tensor(self.partition.excluded, dtype=torch.bool, device=self.device)
+        self._any_excluded = any(self.partition.excluded)
         # What every rank must agree on (checked once under torch.distributed); global shapes, so equal
         # on every rank whatever its shards.
         self._table_signature = repr((T, self.partition.names, self.partition.excluded,
@@ -174,7 +175,8 @@ class ModularGradientSurgery:
                                  backend=self.backend)
         self.steps += 1
         plain = self._plain_sum_mask(gram)
-        weights = torch.where(plain.unsqueeze(1), torch.ones_like(weights), weights)
+        if self._any_excluded or (self.top_k is not None and self.top_k < gram.shape[0]):
+            weights = torch.where(plain.unsqueeze(1), torch.ones_like(weights), weights)
         part = self.partition
         order = info.pop("order", None)
         return SurgeryStats(gram, weights, part.names, part.kinds, self._excluded, plain_sum=plain,

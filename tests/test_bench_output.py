@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 
 # A small grid: one case, N ~ 1e5 (the peak-memory measurement runs on every row), no surgery-cost stage
-# (a Llama forward+backward, printed by the same print calls as the tables).
+# (a Llama forward+backward, printed by the same print calls as the tables) except through pipes.
 SMALL = ["--device", "cpu", "--models", "llama3.1-8b", "--partitions", "tensor", "--dtypes", "fp32", "--t", "2",
          "--n", "1e5", "--n-sweep", "none", "--no-surgery-cost", "--budget", "0.05"]
 
@@ -79,7 +79,9 @@ def _peak_mb_column(lines):
 
 def test_bench_output_through_pipes_is_only_its_own_lines():
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), *SMALL], cwd=ROOT, env=_env(),
+    # with the surgery-cost stage here (~10 s): its rows, resolve() included, must all be there
+    args = [a for a in SMALL if a != "--no-surgery-cost"]
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), *args], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout.splitlines()
@@ -90,6 +92,10 @@ def test_bench_output_through_pipes_is_only_its_own_lines():
     peaks = _peak_mb_column(out)
     assert {"reference_loop", "mgs:torch", "mgs:cpu"} <= set(peaks), peaks
     assert all(re.fullmatch(r"\d+\.\d", v) for v in peaks.values()), peaks
+    cost = [line.split("|")[1].strip() for line in out[next(i for i, line in enumerate(out)
+                                                           if line.startswith("| provider | surgery ms")) + 2:]
+            if line.startswith("|")]
+    assert {"reference_loop", "mgs:cpu", "ModularGradientSurgery.resolve (auto: cpu)"} <= set(cost), cost
     print(f"bench subprocess: {time.perf_counter() - t0:.1f} s")
 
 

@@ -4,6 +4,7 @@ T = 1, empty modules, NaN / Inf), option validation, per-module state and bitwis
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -26,7 +27,9 @@ EXTRA = {"mgda_exact": ("mgda", dict(solver="exact")), "aligned_mtl_median": ("a
 ALL = sorted(CONFIGS) + sorted(EXTRA)
 # Deterministic given the Gram and the Gram's task order (no random draws).
 DETERMINISTIC = [k for k in ALL if k not in ("random", "gradvac")]
-HYP = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# MGS_HYPOTHESIS_SCALE=N multiplies the examples per test (a local soak for rare cases; CI runs 1).
+HYP = settings(max_examples=12 * int(os.environ.get("MGS_HYPOTHESIS_SCALE", "1")), deadline=None,
+               suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def make(key, T=None):
@@ -96,6 +99,13 @@ def test_permutation_equivariance(key, seed, T, family, data):
     b = call(make(key, T), G[:, perm][:, :, perm])
     if key == "krum":
         return
+    if key in ("fairgrad", "nash_mtl", "nash_mtl_clip"):
+        # Pareto-stationary modules have no solution (the weights run off to ~1e10 and the direction,
+        # ~0, is rounding noise): compare the modules where both solves converged.
+        ia, ib = {}, {}
+        call(make(key, T), G, info=ia), call(make(key, T), G[:, perm][:, :, perm], info=ib)
+        both = ia["converged"] & ib["converged"]
+        J, a, b = J[both], a[both], b[both]
     da, db = direction(J, a), direction(J[:, perm], b)
     scale = J.double().norm(dim=(1, 2))[:, None]
     assert torch.allclose(da, db, rtol=0, atol=1e-6) or ((da - db).abs() <= 1e-7 * scale).all()
