@@ -82,6 +82,8 @@ _TABLE = [
             "mgs_kernels.integrations.verl with it set registers the MGS engine (for Ray workers' runtime_env)"),
     Setting("MGS_TEST_SEED", None, _int_at_least(0),
             "tests: replay the random inputs of a run (the seed each test prints)"),
+    Setting("MGS_HYPOTHESIS_SCALE", 1, _int_at_least(1),
+            "tests: multiply the examples of the hypothesis property tests (a local soak for rare cases)"),
     Setting("MGS_REQUIRE_NATIVE", (), _backend_list,
             "tests: native modules that must be built (e.g. cpu,cuda in CI); otherwise their tests skip"),
     Setting("MGS_OFFLINE_FULL", False, _flag,

@@ -17,14 +17,13 @@ A backend that is built but cannot run on this GPU machine FAILS here (with the 
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
 from torch import nn
 
 import mgs_kernels as mgs
-from mgs_kernels import _native, backends, reference
+from mgs_kernels import _native, _settings, backends, reference
 from mgs_kernels._plan import get_plan
 from mgs_kernels.backends import torch_backend
 
@@ -46,7 +45,7 @@ def backend(request):
         try:
             _native.cuda_module()
         except ImportError as exc:
-            if "cuda" in os.environ.get("MGS_REQUIRE_NATIVE", ""):
+            if "cuda" in _settings.get("MGS_REQUIRE_NATIVE"):
                 pytest.fail(str(exc))
             pytest.skip(f"native CUDA module not built: {exc}")
     if name == "triton":

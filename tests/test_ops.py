@@ -5,7 +5,6 @@ runs the same checks on the device). Backend files keep only what is specific to
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import mgs_kernels as mgs
+from mgs_kernels import _settings
 from mgs_kernels import reference
 
 from conftest import (CPU_BACKENDS as BACKENDS, assert_close_to_reference, offsets_from_sizes, property_case,
@@ -275,7 +275,7 @@ def test_reference_random_order_matches_fused_random_order():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@settings(max_examples=40 * int(os.environ.get("MGS_HYPOTHESIS_SCALE", "1")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40 * _settings.get("MGS_HYPOTHESIS_SCALE"), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     T=st.integers(1, 6),
     sizes=st.lists(st.integers(0, 60), min_size=1, max_size=6),

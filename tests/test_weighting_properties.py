@@ -4,13 +4,13 @@ T = 1, empty modules, NaN / Inf), option validation, per-module state and bitwis
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mgs_kernels import _settings
 from mgs_kernels import MGSInputError
 from mgs_kernels.weighting import get_weighting, methods
 from test_weighting_families import FAMILIES, direction, gram_of, jacobians
@@ -28,7 +28,7 @@ ALL = sorted(CONFIGS) + sorted(EXTRA)
 # Deterministic given the Gram and the Gram's task order (no random draws).
 DETERMINISTIC = [k for k in ALL if k not in ("random", "gradvac")]
 # MGS_HYPOTHESIS_SCALE=N multiplies the examples per test (a local soak for rare cases; CI runs 1).
-HYP = settings(max_examples=12 * int(os.environ.get("MGS_HYPOTHESIS_SCALE", "1")), deadline=None,
+HYP = settings(max_examples=12 * _settings.get("MGS_HYPOTHESIS_SCALE"), deadline=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

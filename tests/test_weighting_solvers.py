@@ -4,13 +4,13 @@ independent float64 reference on fresh random inputs."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mgs_kernels import _settings
 from mgs_kernels.weighting._eig import sym_eig
 from mgs_kernels.weighting._newton import alpha_fair
 from mgs_kernels.weighting._qp import auto_regularization, kkt_ok, lcp_enumerate, lcp_pivot, solve_lcp
@@ -106,7 +106,7 @@ def test_jacobi_matches_eigh(rng, T):
     assert ((V.transpose(1, 2) @ V - eye).abs() <= 1e-13 * T).all()
 
 
-@settings(max_examples=30 * int(os.environ.get("MGS_HYPOTHESIS_SCALE", "1")), deadline=None)
+@settings(max_examples=30 * _settings.get("MGS_HYPOTHESIS_SCALE"), deadline=None)
 @given(seed=st.integers(0, 2 ** 31), T=st.integers(2, 8), a=st.sampled_from([0.25, 0.5, 1.0, 2.0, 4.0]))
 def test_alpha_fair_newton_solves_its_equation(seed, T, a):
     gen = torch.Generator().manual_seed(seed)

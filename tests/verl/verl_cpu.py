@@ -293,10 +293,10 @@ def run_entropy_kl(plain, mgs_worker, mgs_rec, plain_rec, single: bool) -> dict:
 
 def expected_update(grads: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """float64 [N]: the engine's method (MGS_VERL_OPTIONS) applied per module to the task gradients [T, N]."""
-    from mgs_kernels import reference
+    from mgs_kernels import _settings, reference
     from mgs_kernels.weighting import get_weighting
 
-    options = json.loads(os.environ.get("MGS_VERL_OPTIONS", "{}"))
+    options = json.loads(_settings.get("MGS_VERL_OPTIONS") or "{}")
     method = options.get("method", "pcgrad")
     if method == "pcgrad":
         return reference.modular_pcgrad(grads, offsets, order=order, dtype=torch.float64)
