@@ -20,26 +20,19 @@ import torch
 
 import mgs_kernels as mgs
 from mgs_kernels.weighting import methods as registered_methods
-from synthetic import TASKS, _NoBar, domain_ids, progress, tiny_llama
+from synthetic import TASKS, _NoBar, held_out_losses, lm_loss, progress, small_batch, small_model
 
-VOCAB = 64
 # Options for the methods that need some (the others run with their defaults).
 OPTIONS = {"cagrad": {"c": 0.4}, "fairgrad": {"alpha": 1.0}, "krum": {"n_byzantine": 0, "n_selected": 2},
            "constant": {"weights": [1.0, 1.0, 1.0]}}
 
 
-def task_batch(task: int, gen: torch.Generator, batch: int = 8, seq: int = 24) -> torch.Tensor:
-    return domain_ids(task, gen, VOCAB, batch, seq)
-
-
-def loss_of(model, ids):
-    return model(input_ids=ids, labels=ids).loss
 
 
 def train(method: str, seed: int, steps: int, lr: float, bar=None):
     """Held-out loss per task after ``steps`` steps, and the mean seconds of surgery.resolve() per step."""
     bar = bar if bar is not None else _NoBar()
-    model = tiny_llama(VOCAB, hidden=48, layers=2, intermediate=96, seed=seed)
+    model = small_model(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     surgery = None
     if method != "naive":
@@ -48,24 +41,21 @@ def train(method: str, seed: int, steps: int, lr: float, bar=None):
     gen = torch.Generator().manual_seed(1000 + seed)  # the same batches for every method
     resolve_s = 0.0
     for _ in range(steps):
-        batches = [task_batch(t, gen) for t in range(3)]
+        batches = [small_batch(t, gen) for t in range(3)]
         opt.zero_grad(set_to_none=True)
         if surgery is None:
-            sum(loss_of(model, b) for b in batches).backward()
+            sum(lm_loss(model, b) for b in batches).backward()
         else:
             for t, b in enumerate(batches):
                 with surgery.capture(t):
-                    loss_of(model, b).backward()
+                    lm_loss(model, b).backward()
             t0 = time.perf_counter()
             surgery.resolve()
             resolve_s += time.perf_counter() - t0
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         bar.update()
-    eval_gen = torch.Generator().manual_seed(99)
-    with torch.no_grad():
-        model.eval()
-        held_out = [loss_of(model, task_batch(t, eval_gen, batch=64)).item() for t in range(3)]
+    held_out = held_out_losses(model)
     return held_out, resolve_s / steps
 
 

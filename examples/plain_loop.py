@@ -18,26 +18,16 @@ import time
 import torch
 
 import mgs_kernels as mgs
-from synthetic import TASKS, _NoBar, domain_ids, progress, save_heatmap, tiny_llama
-
-VOCAB = 64
+from synthetic import TASKS, _NoBar, held_out_losses, lm_loss, progress, save_heatmap, small_batch, small_model
 
 
-def make_model(seed: int):
-    return tiny_llama(VOCAB, hidden=48, layers=2, intermediate=96, seed=seed)
 
 
-def task_batch(task: int, gen: torch.Generator, batch: int = 8, seq: int = 24) -> torch.Tensor:
-    return domain_ids(task, gen, VOCAB, batch, seq)
-
-
-def loss_of(model, ids):
-    return model(input_ids=ids, labels=ids).loss
 
 
 def train(method: str, seed: int, steps: int, lr: float, bar=None):
     bar = bar if bar is not None else _NoBar()
-    model = make_model(seed)
+    model = small_model(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     surgery = None
     if method != "naive":
@@ -46,22 +36,19 @@ def train(method: str, seed: int, steps: int, lr: float, bar=None):
     gen = torch.Generator().manual_seed(1000 + seed)  # same batches for every method
     history = []
     for _ in range(steps):
-        batches = [task_batch(t, gen) for t in range(3)]
+        batches = [small_batch(t, gen) for t in range(3)]
         opt.zero_grad(set_to_none=True)
         if surgery is None:
-            sum(loss_of(model, b) for b in batches).backward()   # naive mixing: the plain sum of task losses
+            sum(lm_loss(model, b) for b in batches).backward()   # naive mixing: the plain sum of task losses
         else:
             for t, b in enumerate(batches):                       # one capture window per task
                 with surgery.capture(t):
-                    loss_of(model, b).backward()
+                    lm_loss(model, b).backward()
             history.append(surgery.resolve())                     # modular (or global) PCGrad into p.grad
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         bar.update()
-    eval_gen = torch.Generator().manual_seed(99)
-    with torch.no_grad():
-        model.eval()
-        held_out = [loss_of(model, task_batch(t, eval_gen, batch=64)).item() for t in range(3)]
+    held_out = held_out_losses(model)
     return held_out, history
 
 

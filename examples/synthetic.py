@@ -1,5 +1,5 @@
-"""Shared pieces of the examples: three synthetic 'domains', a tiny Llama from a config, a heatmap, a
-progress bar."""
+"""Shared pieces of the examples: three synthetic 'domains', a tiny Llama from a config, the small
+comparison setting of plain_loop.py and compare_methods.py, a heatmap, a progress bar."""
 
 from __future__ import annotations
 
@@ -35,6 +35,30 @@ def domain_ids(task: int, gen: torch.Generator, vocab: int, batch: int, seq: int
         return (start - 3 * pos) % (vocab - low) + low
     motif = torch.randint(low, vocab, (batch, 4), generator=gen)
     return motif.repeat(1, seq // 4)
+
+
+# The small comparison setting (plain_loop.py, compare_methods.py): one model size, batches, held-out set.
+SMALL_VOCAB = 64
+
+
+def small_model(seed: int):
+    return tiny_llama(SMALL_VOCAB, hidden=48, layers=2, intermediate=96, seed=seed)
+
+
+def small_batch(task: int, gen: torch.Generator, batch: int = 8, seq: int = 24) -> torch.Tensor:
+    return domain_ids(task, gen, SMALL_VOCAB, batch, seq)
+
+
+def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+def held_out_losses(model) -> list:
+    """Per-task loss on the same 64 held-out sequences per task (seed 99) for every run."""
+    gen = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        model.eval()
+        return [lm_loss(model, small_batch(t, gen, batch=64)).item() for t in range(len(TASKS))]
 
 
 def save_heatmap(stats, tasks, path: str, task_names: Sequence[str], what: str = "") -> None:
