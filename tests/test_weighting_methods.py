@@ -288,7 +288,11 @@ def test_cagrad_matches_torchjd(rng, family, dtype):
             # indefinite, as in float32 Grams of singular families).
             assert _cagrad_objective(Gs, ours, c) <= _cagrad_objective(Gs, theirs, c) + 1e-8
             Gr = Gs + info["reg"][m] * torch.diag(torch.diagonal(Gs))
-            assert _cagrad_kkt_violation(Gs, ours, c, Gr) <= 1e-9
+            # to 1e-9, or to rounding where the support's Gram is ill-conditioned (the closed form
+            # solves with it: seen 5e-9 at cond 8e6 on the nearly rank-deficient family)
+            supp = ours > 1e-12
+            cond = torch.linalg.cond(Gr[supp][:, supp]).item()
+            assert _cagrad_kkt_violation(Gs, ours, c, Gr) <= max(1e-9, 16 * cond * 2.0 ** -52)
         # torchjd's CLARABEL stops up to ~3e-4 away in direction and weights (its default tolerances;
         # the objective is flat at the optimum), absolutely: 1e-3 of max(|d|, |J| / 20) against it.
         d, d_ref = direction(J, w), direction(J, ref)
@@ -334,7 +338,9 @@ def _check_spectral(w, ref, G, eps, on_cosine=False):
         if ref[m].abs().max() < 1e-6:  # numerically zero (ConFIG with p orthogonal to range(C))
             assert w[m].abs().max() < 1e-6
             continue
-        tol = 1e-9 + 1e-15 * kappa  # eigenvector accuracy of any solver scales with kappa
+        # eigenvector accuracy of any solver scales with kappa: err - 1e-9 <= 8e-16 kappa over 49k modules
+        # (60 seeds, every family), 3e-15 kappa in 2 of 900 float64 nearly rank-deficient IMTL-G draws
+        tol = 1e-9 + 1e-14 * kappa
         err = rel_rows(w[m:m + 1], ref[m:m + 1]).item()
         assert err <= tol, (m, err, kappa)
 
@@ -431,10 +437,6 @@ def test_config_matches_torchjd(rng, family, dtype):
 
 
 # ------------------------------------------------------------------------------- Nash-MTL / FairGrad
-def _pareto_stationary(J):
-    """Whether 0 is in the convex hull of each module's present rows (min-norm point ~ 0)."""
-    d = _min_norm_point(J)
-    return d.norm(dim=1) ** 2 <= 1e-9 * jscale(J) ** 2
 
 
 @pytest.mark.parametrize("method", ["nash_mtl", "fairgrad"])
@@ -456,8 +458,47 @@ def test_alpha_fair_stationarity(rng, method, family, dtype):
         if family in ("gaussian", "conflicting", "zero_row", "heterogeneous", "parallel"):
             assert conv.all(), (T, res)
         if family in ("rank_deficient", "few_dims") and dtype == torch.float64:
-            # No solution exactly where 0 is in the cone of the gradients.
-            assert torch.equal(~conv, _pareto_stationary(J)), (T, res)
+            # No solution exactly where 0 is in the convex hull of the gradients (min-norm point d = 0,
+            # to the QP's 1e-14): those modules report unconverged and get zero weights. Every module
+            # clearly away from it (|d|^2 >= 1e-6 |J|^2) converges. In between, a nearly stationary
+            # module has a solution with huge weights that the iteration cap may leave short of 1e-9
+            # (seen at |d|^2 = 4e-10 .. 2.6e-8 |J|^2, residuals 1e-9 .. 1e-8): either answer is right
+            # there, and the weights are zero exactly where the solve did not converge.
+            d2 = _min_norm_point(J).norm(dim=1) ** 2 / jscale(J) ** 2
+            stationary = d2 <= 1e-12
+            assert (~conv[stationary]).all() and (w[stationary] == 0).all(), (T, res)
+            assert conv[d2 >= 1e-6].all(), (T, res)
+            assert (w[~conv] == 0).all()
+
+
+@pytest.mark.parametrize("method,options", [("fairgrad", dict(alpha=1.5)), ("fairgrad", dict(alpha=0.5)),
+                                            ("nash_mtl", {}), ("nash_mtl", dict(max_norm=0.0))])
+def test_pareto_stationary_module_gets_zero_not_noise(rng, method, options):
+    """float32 end to end: a module whose task gradients cancel in a convex combination (one element
+    with opposite signs, the case hypothesis found; a gradient and a negative multiple) has no solution.
+    Its weights are 0 (not the runaway iterate: 4e10 there, whose float32 combine gave 1024 against task
+    norms of ~1) and the other modules are untouched."""
+    import mgs_kernels as mgs
+
+    n = 64
+    gen = generator(rng)
+    g = torch.randn(n, generator=gen)
+    free = torch.randn(2, n, generator=gen)
+    grads = torch.cat([torch.tensor([[-0.3719], [1.0957]]), torch.stack([g, -0.5 * g]), free], dim=1)
+    offsets = torch.tensor([0, 1, 1 + n, 1 + 2 * n])
+    gram = mgs.segmented_gram(grads, offsets)
+    w = get_weighting(method, options)
+    state = w.init_state(3, 2, grads.device) if w.stateful else None
+    info = {}
+    weights = w(gram, state=state, info=info)
+    assert info["converged"].tolist() == [False, False, True]
+    assert (weights[:2] == 0).all() and (weights[2] > 0).all()
+    out = mgs.segmented_combine(grads, offsets, weights)
+    assert (out[: 1 + n] == 0).all()
+    ref = get_weighting(method, options)
+    alone = ref(gram[2:].double(), state=ref.init_state(1, 2, grads.device) if ref.stateful else None,
+                dtype=torch.float64)
+    torch.testing.assert_close(out[1 + n:].double(), (alone[0][:, None] * free.double()).sum(0), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("T", [2, 3, 4, 5, 6])

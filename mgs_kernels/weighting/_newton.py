@@ -18,7 +18,10 @@ minimum to rounding).
 
 No solution exists when 0 is in the cone of the module's gradients (a Pareto-stationary module: f is
 unbounded below along a nonnegative null vector of G); such modules run to the cap and report
-converged False.
+converged False. Their iterates run off along that null vector (weights of 1e10 and more whose
+combination cancels: in a float32 combine the cancellation leaves rounding noise larger than the task
+gradients themselves), so the methods give such a module zero weights (``unsolved_to_zero``): no
+direction improves every task there, the answer MGDA gives at a Pareto-stationary point.
 """
 
 from __future__ import annotations
@@ -145,3 +148,10 @@ def alpha_fair(
         # (an ill-conditioned module whose residual cannot reach _DONE).
         done = done | (res <= _DONE) | (move.squeeze(1) & (lam2 <= 1e-26))
     return best * p, best_res, iters
+
+
+def unsolved_to_zero(w: torch.Tensor, converged: torch.Tensor) -> torch.Tensor:
+    """``w`` [M, T] with the rows of the modules whose solve did not converge set to 0 (see above).
+    The residual cannot tell a runaway from a solution: along the null vector it can fall to 1e-7
+    while the weights grow past 1e5."""
+    return torch.where(converged[:, None], w, torch.zeros_like(w))

@@ -98,6 +98,7 @@ def _solve(gn, present, p, b, g0sq, rho, *, reg_eps, max_iters, max_pivots):
     lo = torch.zeros_like(hi)
     slack = 1e-12 * hi  # t* of a vertex is |g_k| = hi up to rounding
     t = g0sq.clamp_min(0.0).sqrt().clamp(min=1e-3 * hi, max=hi)  # |g0|: the typical size of |g_w|
+    t_prev = torch.full_like(t, -1.0)
     done = (rho <= 0) | ~present.any(dim=1)
     w = torch.zeros_like(p)
     iters = torch.zeros(M, dtype=torch.int64, device=dev)
@@ -136,7 +137,11 @@ def _solve(gn, present, p, b, g0sq, rho, *, reg_eps, max_iters, max_pivots):
         t_star = (1.0 / (s1_safe * torch.where(ok, den, one))).sqrt()
         inside = ok & (t_star >= lo - slack) & (t_star <= hi + slack)
         converged_now = ok & ((t_star - t).abs() <= slack)
-        t_next = torch.where(inside, torch.minimum(torch.maximum(t_star, lo), hi), 0.5 * (lo + hi))
+        # The supports on either side of the answer can send the closed form back to the t tried
+        # before (a 2-cycle, seen on rank-deficient G): bisect there instead.
+        cycle = (t_star - t_prev).abs() <= slack
+        t_next = torch.where(inside & ~cycle, torch.minimum(torch.maximum(t_star, lo), hi), 0.5 * (lo + hi))
+        t_prev = t
         w_star = x1 / s1_safe[:, None] + (t_star / rho_safe)[:, None] * qv
         w = torch.where((converged_now & ~done)[:, None], w_star, w)
         done = done | converged_now

@@ -8,7 +8,7 @@ from typing import Dict, Optional
 import torch
 
 from ._common import check_float, check_int, mean_weights, trace_normalize
-from ._newton import alpha_fair
+from ._newton import alpha_fair, unsolved_to_zero
 from .base import State, Weighting, register
 
 
@@ -51,4 +51,4 @@ class FairGradWeighting(Weighting):
         info["residual"] = res
         info["iterations"] = iters
         scale = torch.where(tr > 0, tr, torch.ones_like(tr)).pow(-self.alpha / (self.alpha + 1.0))
-        return w * scale[:, None]
+        return unsolved_to_zero(w * scale[:, None], info["converged"])

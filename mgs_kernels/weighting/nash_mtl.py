@@ -9,7 +9,7 @@ import torch
 
 from .._errors import MGSInputError
 from ._common import check_float, check_int, quad, trace_normalize
-from ._newton import alpha_fair
+from ._newton import alpha_fair, unsolved_to_zero
 from .base import State, Weighting, register
 
 
@@ -65,10 +65,10 @@ class NashMTLWeighting(Weighting):
         w_n, res, iters = alpha_fair(gn, present, 1.0, max_iters=self.optim_niter, w0=state["alpha"] * root)
         # A module with no task present (empty, or non-finite: see Weighting.__call__) keeps its weights.
         solve_now = ((state["step"] % self.update_weights_every) == 0) & present.any(dim=1)
-        alpha = torch.where(solve_now[:, None], w_n / root, state["alpha"])
-        state["alpha"].copy_(alpha)
-        state["step"].add_(1)
         info["converged"] = torch.where(solve_now, res <= 1e-9, torch.ones_like(solve_now))
+        alpha = torch.where(solve_now[:, None], unsolved_to_zero(w_n / root, res <= 1e-9), state["alpha"])
+        state["alpha"].copy_(alpha)  # (a zeroed module starts cold at its next solve)
+        state["step"].add_(1)
         info["residual"] = torch.where(solve_now, res, torch.zeros_like(res))
         info["iterations"] = torch.where(solve_now, iters, torch.zeros_like(iters))
         if self.max_norm > 0:
