@@ -131,14 +131,19 @@ def test_projection_methods_match_torchjd_and_the_primal(rng, method, family):
 @pytest.mark.parametrize("method", ["upgrad", "dualproj"])
 @pytest.mark.parametrize("family", ["gaussian", "conflicting", "zero_row", "heterogeneous"])
 def test_projection_methods_float32_gram(rng, method, family):
-    """A float32 Gram against the exact float64 answer: weights 1e-3, direction 1e-5 (relative)."""
+    """A float32 Gram against the exact float64 answer: weights 1e-3, direction 1e-5 (relative to
+    max(|d|, |J| / 20))."""
     for T in TASK_COUNTS:
         J, G32 = draw(rng, family, T, torch.float32)
         w = run(method, G32)
         ref = oracle(gram_of(J), _torchjd_projection(method, 0.0), normalize=True)
         assert (rel_rows(w, ref) <= 1e-3).all()
         d, d_ref = direction(J, w), direction(J, ref)
-        assert ((d - d_ref).norm(dim=1) <= 1e-5 * d_ref.norm(dim=1).clamp_min(1e-30)).all()
+        # A float32 Gram's entries are off by ~eps32 |J|^2 absolutely, so where the tasks nearly cancel
+        # (|d| << |J|, the conflicting family) the error scales with |J|: 1e-5 of max(|d|, |J| / 20)
+        # (relative to |d| alone the worst of 12,800 draws was 0.82e-5, and CI saw one above).
+        scale = torch.maximum(d_ref.norm(dim=1), 0.05 * jscale(J))
+        assert ((d - d_ref).norm(dim=1) <= 1e-5 * scale).all()
 
 
 @pytest.mark.parametrize("method", ["upgrad", "dualproj"])
