@@ -195,13 +195,19 @@ class BuildExt(build_ext):
         ext.libraries = ["cudart_static", "dl", "rt", "pthread"] + list(ext.libraries)
 
 
+# The native CPU solvers of the weighting methods (csrc/cpu/mgs_weighting.h), one file per solver family.
+WEIGHTING_SOURCES = ["csrc/cpu/weighting_frank_wolfe.cpp"]
+
+
 def _extensions():
     exts = []
     if BUILD_CPU != "0":
         cpu = Extension(
             "mgs_kernels._mgs_cpu",
-            sources=["csrc/cpu/mgs_cpu.cpp", "python_api/mgs_cpu_module.cpp"],
-            depends=["csrc/cpu/mgs_cpu.h", "csrc/mgs_fused_step.h", "python_api/fused_step_desc.h"],
+            sources=["csrc/cpu/mgs_cpu.cpp", "python_api/mgs_cpu_module.cpp", "python_api/weighting_bindings.cpp"]
+            + WEIGHTING_SOURCES,
+            depends=["csrc/cpu/mgs_cpu.h", "csrc/cpu/mgs_weighting.h", "csrc/mgs_fused_step.h",
+                     "python_api/fused_step_desc.h"],
             language="c++",
         )
         cpu.mgs_mode = BUILD_CPU

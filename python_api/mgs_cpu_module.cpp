@@ -13,6 +13,10 @@
 
 namespace py = pybind11;
 
+namespace mgs_bind {
+void bind_weighting(py::module_& m);  // weighting_bindings.cpp
+}  // namespace mgs_bind
+
 namespace {
 template <typename T>
 T* ptr(std::uintptr_t p) {
@@ -103,6 +107,7 @@ PYBIND11_MODULE(_mgs_cpu, m) {
   m.def("auto_cache_bytes", &mgs_cpu::auto_cache_bytes, py::arg("working_set_bytes"), py::arg("num_threads") = 0,
         "budget used for cache_bytes < 0: 0 when the working set fits in half the LLC, else default_cache_bytes");
 
+  mgs_bind::bind_weighting(m);
   mgs_bind::bind_fused_step_desc(m);
   m.def(
       "fused_step",

@@ -292,12 +292,7 @@ def test_cagrad_matches_torchjd(rng, family, dtype):
             # problem it solves: G + delta diag(G), delta = info["reg"] (0 unless rounding made G
             # indefinite, as in float32 Grams of singular families).
             if info["reg"][m] > 1e-12:
-                # Rounding made this float32 Gram indefinite and the solver regularised it (delta up to
-                # 1e-6): a known limit (docs/methods.md; a polish step without delta is still to do).
-                # Its bias reaches the unregularised objective (seen 2.4e-7 above torchjd's) and the
-                # direction (below): only gross errors are checked here.
-                assert _cagrad_objective(Gs, ours, c) <= _cagrad_objective(Gs, theirs, c) + 1e-5
-                continue
+                continue  # rounding made this float32 Gram indefinite: checked against the exact problem below
             assert _cagrad_objective(Gs, ours, c) <= _cagrad_objective(Gs, theirs, c) + 1e-8
             Gr = Gs + info["reg"][m] * torch.diag(torch.diagonal(Gs))
             # to 1e-9, or to rounding where the support's Gram is ill-conditioned (the closed form
@@ -309,12 +304,19 @@ def test_cagrad_matches_torchjd(rng, family, dtype):
         # the objective is flat at the optimum), absolutely: 1e-3 of max(|d|, |J| / 20) against it.
         d, d_ref = direction(J, w), direction(J, ref)
         scale = torch.maximum(d_ref.norm(dim=1), 0.05 * jscale(J))
-        # Where rounding made a float32 Gram indefinite (the regularisation delta reaches 1e-8 .. 1e-6),
-        # the regularised problem's direction moves with delta: typically <= 6e-2 of the scale at 1e-6
-        # and 5e-3 at 1e-7, but 0.33 seen once in ~1000 draws (seed 421, T = 6, c = 0.9). A KNOWN
-        # DEFECT, open in issue 15 and stated in docs/methods.md; this bound only catches worse.
-        tol = torch.where(info["reg"] > 1e-12, 0.5, 1e-3)
-        assert ((d - d_ref).norm(dim=1) <= tol * scale).all()
+        reg = info["reg"] > 1e-12
+        assert ((d - d_ref).norm(dim=1)[~reg] <= 1e-3 * scale[~reg]).all()
+        if reg.any():
+            # Rounding made these float32 Grams indefinite (singular families), so the solver regularised
+            # them and then polished on the final support without the regularisation. The float32 Gram
+            # itself moves the answer (torchjd's on it: up to 6% from the exact one, seen at c = 0.9), so
+            # both are held to the exact problem (torchjd on the float64 Gram of J): ours at most twice
+            # as far from it as torchjd's, + 2e-3 (CLARABEL's tolerance on both). Measured: <= 1.5e-4
+            # over that bound's 2e-3 part in 3000 such modules; before the polish step, 0.22 vs torchjd's 0.06.
+            exact = direction(J, oracle(gram_of(J), lambda s, m: tj.CAGradWeighting(c=c)(s), normalize=True))
+            ours_err = (d - exact).norm(dim=1)[reg]
+            theirs_err = (d_ref - exact).norm(dim=1)[reg]
+            assert (ours_err <= 2.0 * theirs_err + 2e-3 * scale[reg]).all()
         if family in PD_FAMILIES:  # heterogeneous norms: torchjd's weights are up to ~1e-3 off
             assert (rel_rows(w, ref) <= 5e-3).all()
 

@@ -9,6 +9,7 @@ from typing import Dict, Optional
 import torch
 
 from ._common import all_done, check_choice, check_float, check_int, matvec, mean_weights, trace_normalize
+from ._native_solvers import inputs, native_solver, outputs, threads
 from ._projection import regularized_cosine
 from ._qp import solve_lcp
 from .base import State, Weighting, register
@@ -52,6 +53,16 @@ class MGDAWeighting(Weighting):
         return self._frank_wolfe(gram, present, info)
 
     def _frank_wolfe(self, gram: torch.Tensor, present: torch.Tensor, info: Dict[str, torch.Tensor]) -> torch.Tensor:
+        mod = native_solver(gram, "mgda_frank_wolfe")
+        if mod is not None:
+            g, p = inputs(gram, present)
+            M, T, _ = g.shape
+            w, conv, iters = outputs(M, T, g.device)
+            mod.mgda_frank_wolfe(g.data_ptr(), p.data_ptr(), M, T, self.epsilon, self.max_iters, w.data_ptr(),
+                                 conv.data_ptr(), iters.data_ptr(), threads())
+            info["converged"] = conv
+            info["iterations"] = iters
+            return w
         g, _ = trace_normalize(gram)  # same iterates as on G (the step is a ratio), better scaled
         M, T, _ = g.shape
         alpha = mean_weights(present)

@@ -1,0 +1,28 @@
+// Native CPU solvers of the Gram -> weights stage (mgs_kernels/weighting): the same algorithms as the
+// batched torch code beside each method, one module at a time in scalar float64.
+//
+// Why: the torch code runs every module's problem as a batch of [M, T, T] tensor ops, which is what a GPU
+// wants (no host sync, fixed iteration counts with masks), but on the CPU each of its ~1000 small ops costs
+// 5-10 us of dispatch, more than the arithmetic of all M problems together. Here one OpenMP thread solves a
+// module start to finish in registers and L1 (T <= kMaxTasks).
+//
+// Conventions, shared by every function below:
+//   gram     [M, T, T] float64, symmetric and finite (mgs_kernels.weighting.base.Weighting.__call__ makes it so:
+//            a module with a non-finite entry arrives as all zeros with no task present);
+//   present  [M, T] uint8 (torch.bool): task k is in module m's problem (G[m, k, k] > 0);
+//   weights  [M, T] float64 out; converged [M] uint8 out; iterations [M] int64 out.
+// Every output element of every module is written. Modules are independent: results do not depend on
+// the thread count (static schedule, no reductions across modules).
+#pragma once
+#include <cstdint>
+
+namespace mgs_weighting {
+
+// MGDA by Frank-Wolfe, torchjd's algorithm step for step (mgs_kernels/weighting/mgda.py
+// MGDAWeighting._frank_wolfe): on G / tr G, alpha starts at 1/n on the present tasks; each step moves
+// towards the present vertex t = argmin (G alpha)_t (first index on ties) by the exact line-search
+// step gamma, and a module stops when gamma < epsilon or a gamma = 1 step towards the vertex it is on.
+void mgda_frank_wolfe(const double* gram, const uint8_t* present, int64_t M, int64_t T, double epsilon,
+                      int64_t max_iters, double* weights, uint8_t* converged, int64_t* iterations, int num_threads);
+
+}  // namespace mgs_weighting

@@ -1,0 +1,37 @@
+// pybind11 bindings of the native weighting solvers (csrc/cpu/mgs_weighting.h), part of mgs_kernels._mgs_cpu.
+//
+// Same conventions as mgs_cpu_module.cpp: data pointers as integers, validated by mgs_kernels.weighting
+// (float64 contiguous Grams, uint8 masks) before they get here; the GIL is released while a solver runs.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "../csrc/cpu/mgs_weighting.h"
+
+namespace py = pybind11;
+
+namespace {
+template <typename T>
+T* ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+}  // namespace
+
+namespace mgs_bind {
+
+void bind_weighting(py::module_& m) {
+  m.def(
+      "mgda_frank_wolfe",
+      [](std::uintptr_t gram, std::uintptr_t present, int64_t M, int64_t T, double epsilon, int64_t max_iters,
+         std::uintptr_t weights, std::uintptr_t converged, std::uintptr_t iterations, int num_threads) {
+        py::gil_scoped_release nogil;
+        mgs_weighting::mgda_frank_wolfe(ptr<const double>(gram), ptr<const uint8_t>(present), M, T, epsilon,
+                                        max_iters, ptr<double>(weights), ptr<uint8_t>(converged),
+                                        ptr<int64_t>(iterations), num_threads);
+      },
+      py::arg("gram"), py::arg("present"), py::arg("M"), py::arg("T"), py::arg("epsilon"), py::arg("max_iters"),
+      py::arg("weights"), py::arg("converged"), py::arg("iterations"), py::arg("num_threads"),
+      "MGDA's Frank-Wolfe weights, torchjd's algorithm per module (float64)");
+}
+
+}  // namespace mgs_bind
