@@ -8,7 +8,11 @@ Per method and T, on the per-tensor layout of Llama-3.1-8B (291 modules; bench/l
 elements) with float32 task gradients on the CPU:
 
 - weights ms: ``get_weighting(method)(gram)`` on the [291, T, T] Grams of ``segmented_gram`` (all modules,
-  one call, float32 out);
+  one call, float32 out), as a CPU user gets it: the native CPU solver where the method has one
+  (csrc/cpu/mgs_weighting.h), else the batched torch code;
+- torch code ms: the same call with the native solvers switched off: the batched torch code a GPU runs
+  (here on the CPU, where its ~1000 small ops cost 5-10 us each; equal to weights ms for the methods
+  without a native solver);
 - Gram ms / combine ms: ``mgs_kernels.segmented_gram`` / ``segmented_combine`` on the [T, N] buffer;
 - total ms: Gram + weights + combine, the whole modular step;
 - torchjd per module: torchjd 0.18's ``XxxWeighting`` called once per module on the same Grams (its
@@ -40,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import layouts  # noqa: E402
 
 import mgs_kernels  # noqa: E402
+import mgs_kernels.weighting._native_solvers as native_solvers  # noqa: E402
 from mgs_kernels.weighting import get_weighting  # noqa: E402
 
 METHODS = ["sum", "mean", "constant", "random", "upgrad", "dualproj", "mgda", "mgda_exact", "cagrad", "imtl_g",
@@ -108,7 +113,8 @@ def bench(args) -> List[Dict]:
         w0 = torch.full((M, T), 1.0 / T)
         combine_ms = median_ms(lambda: mgs_kernels.segmented_combine(grads, offsets, w0), args.reps)
         pc_ms = median_ms(lambda: mgs_kernels.pcgrad_weights(gram, order="fixed"), args.reps)
-        rows.append(dict(method="pcgrad (existing kernel)", T=T, M=M, N=lay.numel, weights_ms=pc_ms, gram_ms=gram_ms,
+        rows.append(dict(method="pcgrad (existing kernel)", T=T, M=M, N=lay.numel, weights_ms=pc_ms,
+                         torch_code_ms=None, gram_ms=gram_ms,
                          combine_ms=combine_ms, total_ms=gram_ms + pc_ms + combine_ms, torchjd_module_ms=None,
                          torchjd_module_extrapolated=False, torchjd_global_ms=None, converged=None))
         bounds = offsets.tolist()
@@ -120,7 +126,13 @@ def bench(args) -> List[Dict]:
             w(gram, state=state, generator=gen, info=info)
             conv = info.get("converged")
             weights_ms = median_ms(lambda: w(gram, state=state, generator=gen), args.reps)
-            row = dict(method=key, T=T, M=M, N=lay.numel, weights_ms=weights_ms, gram_ms=gram_ms, combine_ms=combine_ms,
+            native_solvers.NATIVE_SOLVERS = False
+            try:
+                torch_ms = median_ms(lambda: w(gram, state=state, generator=gen), args.reps)
+            finally:
+                native_solvers.NATIVE_SOLVERS = True
+            row = dict(method=key, T=T, M=M, N=lay.numel, weights_ms=weights_ms, torch_code_ms=torch_ms,
+                       gram_ms=gram_ms, combine_ms=combine_ms,
                        total_ms=gram_ms + weights_ms + combine_ms, torchjd_module_ms=None,
                        torchjd_module_extrapolated=False, torchjd_global_ms=None,
                        converged=None if conv is None else f"{int(conv.sum())}/{M}")
@@ -159,13 +171,15 @@ def fmt(x: Optional[float], approx: bool = False) -> str:
 
 
 def markdown(rows: List[Dict]) -> str:
-    head = ("| method | T | weights ms | Gram ms | combine ms | total ms | weights / Gram | torchjd per module ms | "
+    head = ("| method | T | weights ms | torch code ms | Gram ms | combine ms | total ms | weights / Gram | "
+            "torchjd per module ms | "
             "speed-up (weights) | torchjd global ms | converged |")
     out = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
         tj = r["torchjd_module_ms"]
         out.append("| " + " | ".join([
-            r["method"], str(r["T"]), fmt(r["weights_ms"]), fmt(r["gram_ms"]), fmt(r["combine_ms"]), fmt(r["total_ms"]),
+            r["method"], str(r["T"]), fmt(r["weights_ms"]), fmt(r["torch_code_ms"]), fmt(r["gram_ms"]),
+            fmt(r["combine_ms"]), fmt(r["total_ms"]),
             f"{r['weights_ms'] / r['gram_ms']:.0%}", fmt(tj, r["torchjd_module_extrapolated"]),
             "n/a" if tj is None else f"{tj / r['weights_ms']:.0f}x", fmt(r["torchjd_global_ms"]),
             r["converged"] or "",

@@ -353,13 +353,16 @@ def test_bitwise_reruns(key):
 @pytest.mark.parametrize("key", ["upgrad", "dualproj", "mgda", "mgda_exact", "cagrad", "imtl_g", "aligned_mtl",
                                  "config", "fairgrad", "nash_mtl"])
 def test_early_exit_on_cpu_equals_the_full_iteration_count(key, monkeypatch):
-    """Iterative solvers freeze finished modules, so the CPU's early exit changes no bit."""
+    """Iterative solvers freeze finished modules, so the CPU's early exit changes no bit (of the batched
+    torch code: the native CPU solvers, which have no batch, are switched off here)."""
     import mgs_kernels.weighting._eig as eig
+    import mgs_kernels.weighting._native_solvers as native_solvers
     import mgs_kernels.weighting._newton as newton
     import mgs_kernels.weighting._qp as qp
     import mgs_kernels.weighting.cagrad as cagrad
     import mgs_kernels.weighting.mgda as mgda
 
+    monkeypatch.setattr(native_solvers, "NATIVE_SOLVERS", False)
     T = 5
     _, G = grams(13, "heterogeneous", 8, T)
     G[2] = 0.0
