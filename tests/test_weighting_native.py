@@ -19,6 +19,9 @@ from test_weighting_families import FAMILIES, TASK_COUNTS, direction, gram_of, j
 # method key -> (method, options, native solver name)
 NATIVE = {
     "mgda": ("mgda", {}, "mgda_frank_wolfe"),
+    "cagrad": ("cagrad", dict(c=0.5), "cagrad"),
+    "cagrad_c09": ("cagrad", dict(c=0.9), "cagrad"),
+    "cagrad_torchjd": ("cagrad", dict(c=0.5, compat="torchjd"), "cagrad"),
 }
 
 
