@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../csrc/cpu/mgs_weighting.h"
+#include "../csrc/cpu/weighting_dense.h"
 
 namespace py = pybind11;
 
@@ -32,6 +33,49 @@ void bind_weighting(py::module_& m) {
       py::arg("gram"), py::arg("present"), py::arg("M"), py::arg("T"), py::arg("epsilon"), py::arg("max_iters"),
       py::arg("weights"), py::arg("converged"), py::arg("iterations"), py::arg("num_threads"),
       "MGDA's Frank-Wolfe weights, torchjd's algorithm per module (float64)");
+  m.attr("WEIGHTING_LCP_MAX_TASKS") = static_cast<int64_t>(mgs_weighting::dense::kDenseMax);
+  m.def(
+      "cagrad",
+      [](std::uintptr_t gram, std::uintptr_t present, int64_t M, int64_t T, double c, double norm_eps, bool torchjd,
+         bool auto_reg, double reg_eps, int64_t max_iters, int64_t max_pivots, std::uintptr_t weights,
+         std::uintptr_t converged, std::uintptr_t iterations, std::uintptr_t reg, int num_threads) {
+        py::gil_scoped_release nogil;
+        mgs_weighting::cagrad(ptr<const double>(gram), ptr<const uint8_t>(present), M, T, c, norm_eps, torchjd,
+                              auto_reg, reg_eps, max_iters, max_pivots, ptr<double>(weights), ptr<uint8_t>(converged),
+                              ptr<int64_t>(iterations), ptr<double>(reg), num_threads);
+      },
+      py::arg("gram"), py::arg("present"), py::arg("M"), py::arg("T"), py::arg("c"), py::arg("norm_eps"),
+      py::arg("torchjd"), py::arg("auto_reg"), py::arg("reg_eps"), py::arg("max_iters"), py::arg("max_pivots"),
+      py::arg("weights"), py::arg("converged"), py::arg("iterations"), py::arg("reg"), py::arg("num_threads"),
+      "CAGrad's weights per module (float64), the algorithm of mgs_kernels/weighting/cagrad.py");
+  m.def(
+      "dual_cone_projection",
+      [](std::uintptr_t gram, std::uintptr_t present, std::uintptr_t U, int64_t M, int64_t R, int64_t T, bool torchjd,
+         double norm_eps, bool auto_reg, double reg_eps, int64_t max_pivots, std::uintptr_t V,
+         std::uintptr_t converged, std::uintptr_t iterations, std::uintptr_t reg, int num_threads) {
+        py::gil_scoped_release nogil;
+        mgs_weighting::dual_cone_projection(ptr<const double>(gram), ptr<const uint8_t>(present), ptr<const double>(U),
+                                            M, R, T, torchjd, norm_eps, auto_reg, reg_eps, max_pivots, ptr<double>(V),
+                                            ptr<uint8_t>(converged), ptr<int64_t>(iterations), ptr<double>(reg),
+                                            num_threads);
+      },
+      py::arg("gram"), py::arg("present"), py::arg("U"), py::arg("M"), py::arg("R"), py::arg("T"), py::arg("torchjd"),
+      py::arg("norm_eps"), py::arg("auto_reg"), py::arg("reg_eps"), py::arg("max_pivots"), py::arg("V"),
+      py::arg("converged"), py::arg("iterations"), py::arg("reg"), py::arg("num_threads"),
+      "UPGrad / DualProj dual-cone projections per module (float64), as mgs_kernels/weighting/_projection.py");
+  m.def(
+      "mgda_min_norm",
+      [](std::uintptr_t gram, std::uintptr_t present, int64_t M, int64_t T, bool auto_reg, double reg_eps,
+         int64_t max_pivots, std::uintptr_t weights, std::uintptr_t converged, std::uintptr_t iterations,
+         std::uintptr_t reg, int num_threads) {
+        py::gil_scoped_release nogil;
+        mgs_weighting::mgda_min_norm(ptr<const double>(gram), ptr<const uint8_t>(present), M, T, auto_reg, reg_eps,
+                                     max_pivots, ptr<double>(weights), ptr<uint8_t>(converged),
+                                     ptr<int64_t>(iterations), ptr<double>(reg), num_threads);
+      },
+      py::arg("gram"), py::arg("present"), py::arg("M"), py::arg("T"), py::arg("auto_reg"), py::arg("reg_eps"),
+      py::arg("max_pivots"), py::arg("weights"), py::arg("converged"), py::arg("iterations"), py::arg("reg"),
+      py::arg("num_threads"), "MGDA's exact min-norm point per module (float64), as mgda.py min_norm_point");
 }
 
 }  // namespace mgs_bind

@@ -19,6 +19,14 @@ from test_weighting_families import FAMILIES, TASK_COUNTS, direction, gram_of, j
 # method key -> (method, options, native solver name)
 NATIVE = {
     "mgda": ("mgda", {}, "mgda_frank_wolfe"),
+    "cagrad": ("cagrad", dict(c=0.5), "cagrad"),
+    "cagrad_c09": ("cagrad", dict(c=0.9), "cagrad"),
+    "cagrad_torchjd": ("cagrad", dict(c=0.5, compat="torchjd"), "cagrad"),
+    "upgrad": ("upgrad", {}, "dual_cone_projection"),
+    "upgrad_torchjd": ("upgrad", dict(compat="torchjd"), "dual_cone_projection"),
+    "dualproj": ("dualproj", {}, "dual_cone_projection"),
+    "dualproj_torchjd": ("dualproj", dict(compat="torchjd"), "dual_cone_projection"),
+    "mgda_exact": ("mgda", dict(solver="exact"), "mgda_min_norm"),
 }
 
 

@@ -25,4 +25,29 @@ namespace mgs_weighting {
 void mgda_frank_wolfe(const double* gram, const uint8_t* present, int64_t M, int64_t T, double epsilon,
                       int64_t max_iters, double* weights, uint8_t* converged, int64_t* iterations, int num_threads);
 
+// The QP-based methods below solve their LCPs with weighting_lcp.h (solve_lcp "auto" of _qp.py as it runs on
+// the CPU) and take 1 <= T <= 10 (std::invalid_argument otherwise; the torch code handles larger T).
+// auto_reg: the regularisation delta per module by auto_regularization of the cosine matrix, else reg_eps.
+// reg [M] float64 out: the delta used. max_pivots: cap of the pivoting solver (resolved by the caller).
+
+// CAGrad (mgs_kernels/weighting/cagrad.py CAGradWeighting.compute): c, norm_eps, torchjd (compat="torchjd"),
+// max_iters (QPs per module); iterations [M] = QPs solved, converged [M] = the t-iteration's fixed point.
+void cagrad(const double* gram, const uint8_t* present, int64_t M, int64_t T, double c, double norm_eps,
+            bool torchjd, bool auto_reg, double reg_eps, int64_t max_iters, int64_t max_pivots, double* weights,
+            uint8_t* converged, int64_t* iterations, double* reg, int num_threads);
+
+// The projections of UPGrad / DualProj (mgs_kernels/weighting/_projection.py project_dual_cone): for the R
+// preference rows U [M, R, T] float64, the weights V [M, R, T] float64 out of each row's projection onto the
+// dual cone. torchjd: compat="torchjd" (G / tr G, zero below norm_eps, plus reg_eps I; reg is then reg_eps).
+// converged [M]: every row's LCP; iterations [M]: the most pivots of a row.
+void dual_cone_projection(const double* gram, const uint8_t* present, const double* U, int64_t M, int64_t R,
+                          int64_t T, bool torchjd, double norm_eps, bool auto_reg, double reg_eps, int64_t max_pivots,
+                          double* V, uint8_t* converged, int64_t* iterations, double* reg, int num_threads);
+
+// MGDA's exact min-norm point (mgs_kernels/weighting/mgda.py min_norm_point): weights [M, T] on the simplex;
+// iterations [M] = pivots.
+void mgda_min_norm(const double* gram, const uint8_t* present, int64_t M, int64_t T, bool auto_reg, double reg_eps,
+                   int64_t max_pivots, double* weights, uint8_t* converged, int64_t* iterations, double* reg,
+                   int num_threads);
+
 }  // namespace mgs_weighting

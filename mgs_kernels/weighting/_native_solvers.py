@@ -32,6 +32,15 @@ def native_solver(gram: torch.Tensor, name: str) -> Optional[ModuleType]:
     return mod if hasattr(mod, name) else None
 
 
+def lcp_solver(gram: torch.Tensor, name: str) -> Optional[ModuleType]:
+    """``native_solver`` for the QP-based methods, whose native LCP solver (csrc/cpu/weighting_lcp.h) takes
+    1 <= T <= ``WEIGHTING_LCP_MAX_TASKS`` (the torch code's enumeration limit); None outside it."""
+    mod = native_solver(gram, name)
+    if mod is None or not 1 <= gram.shape[-1] <= mod.WEIGHTING_LCP_MAX_TASKS:
+        return None
+    return mod
+
+
 def inputs(gram: torch.Tensor, present: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(float64 contiguous Gram, uint8 contiguous present mask) as the native solvers read them."""
     return gram.to(torch.float64).contiguous(), present.to(torch.uint8).contiguous()
@@ -42,6 +51,11 @@ def outputs(M: int, T: int, device: torch.device) -> Tuple[torch.Tensor, torch.T
     (NaN, -1) so that an element a solver leaves unwritten shows (tests/test_weighting_native.py)."""
     return (torch.full((M, T), float("nan"), dtype=torch.float64, device=device),
             torch.zeros(M, dtype=torch.bool, device=device), torch.full((M,), -1, dtype=torch.int64, device=device))
+
+
+def reg_output(M: int, device: torch.device) -> torch.Tensor:
+    """float64 [M] for a solver to write the regularisation it used into, poisoned (NaN)."""
+    return torch.full((M,), float("nan"), dtype=torch.float64, device=device)
 
 
 def threads() -> int:

@@ -18,7 +18,8 @@ from typing import Dict, Optional
 import torch
 
 from ._common import cosine, eye_like, restrict, trace_normalize
-from ._qp import auto_regularization, solve_lcp
+from ._native_solvers import inputs, lcp_solver, outputs, reg_output, threads
+from ._qp import auto_regularization, default_max_pivots, solve_lcp
 
 
 def regularized_cosine(gram: torch.Tensor, present: torch.Tensor, reg_eps: Optional[float]):
@@ -57,6 +58,26 @@ def project_dual_cone(
     Adds to ``info``: "converged" bool [M], "iterations" int64 [M] (pivots, max over rows) and, in the
     default mode, "reg" float64 [M] (the relative regularisation used).
     """
+    mod = lcp_solver(gram, "dual_cone_projection") if solver in ("auto", "pivot") else None
+    if mod is not None:  # the CPU: "auto" and "pivot" are one solver there (csrc/cpu/weighting_projection.cpp)
+        g, p = inputs(gram, present)
+        M, T, _ = g.shape
+        R = U.shape[1]
+        u = U.to(torch.float64).contiguous()
+        v = torch.full((M, R, T), float("nan"), dtype=torch.float64, device=g.device)
+        _, conv, iters = outputs(M, T, g.device)
+        delta = reg_output(M, g.device)
+        torchjd = compat == "torchjd"
+        auto_reg = reg_eps is None and not torchjd
+        mod.dual_cone_projection(g.data_ptr(), p.data_ptr(), u.data_ptr(), M, R, T, torchjd, float(norm_eps), auto_reg,
+                                 0.0 if reg_eps is None else float(reg_eps),
+                                 max_pivots if max_pivots is not None else default_max_pivots(T), v.data_ptr(),
+                                 conv.data_ptr(), iters.data_ptr(), delta.data_ptr(), threads())
+        info["converged"] = conv
+        info["iterations"] = iters
+        if not torchjd:
+            info["reg"] = delta
+        return v
     if compat == "torchjd":
         a = torchjd_gram(gram, present, norm_eps, float(reg_eps))
         b = U

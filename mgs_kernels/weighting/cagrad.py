@@ -8,7 +8,8 @@ import torch
 
 from ._common import (COMPAT_CHOICES, all_done, check_choice, check_float, check_int, cosine, host_shortcuts,
                       matvec, mean_weights, quad, trace_normalize)
-from ._qp import auto_regularization, solve_lcp
+from ._native_solvers import inputs, lcp_solver, outputs, reg_output, threads
+from ._qp import auto_regularization, default_max_pivots, solve_lcp
 from .base import State, Weighting, register
 
 
@@ -59,6 +60,9 @@ class CAGradWeighting(Weighting):
 
     def compute(self, gram: torch.Tensor, present: torch.Tensor, *, state: Optional[State],
                 generator: Optional[torch.Generator], info: Dict[str, torch.Tensor]) -> torch.Tensor:
+        mod = lcp_solver(gram, "cagrad")
+        if mod is not None:  # the CPU: the same algorithm, one module per thread (csrc/cpu/weighting_cagrad.cpp)
+            return self._native(mod, gram, present, info)
         gn, tr = trace_normalize(gram)
         if self.compat == "torchjd":
             gn = torch.where((tr < self.norm_eps)[:, None, None], torch.zeros_like(gn), gn)
@@ -80,6 +84,20 @@ class CAGradWeighting(Weighting):
         info["iterations"] = iters
         info["reg"] = delta
         return torch.where(ok[:, None] | (rho <= 0)[:, None], weights, torch.zeros_like(weights))
+
+    def _native(self, mod, gram: torch.Tensor, present: torch.Tensor, info: Dict[str, torch.Tensor]) -> torch.Tensor:
+        g, p = inputs(gram, present)
+        M, T, _ = g.shape
+        w, conv, iters = outputs(M, T, g.device)
+        delta = reg_output(M, g.device)
+        max_pivots = self.max_pivots if self.max_pivots is not None else default_max_pivots(T)
+        mod.cagrad(g.data_ptr(), p.data_ptr(), M, T, self.c, self.norm_eps, self.compat == "torchjd",
+                   self.reg_eps is None, 0.0 if self.reg_eps is None else self.reg_eps, self.max_iters, max_pivots,
+                   w.data_ptr(), conv.data_ptr(), iters.data_ptr(), delta.data_ptr(), threads())
+        info["converged"] = conv
+        info["iterations"] = iters
+        info["reg"] = delta
+        return w
 
 
 def _solve(gn, present, p, b, g0sq, rho, *, reg_eps, max_iters, max_pivots):
@@ -155,7 +173,9 @@ def _solve(gn, present, p, b, g0sq, rho, *, reg_eps, max_iters, max_pivots):
 def _polish(gn, p, b, rho_safe, w, mask):
     """Where the solve was regularised (``mask``), the closed form once more on the final support with the
     Gram as given: the answer of the problem as posed, kept where it is a KKT point of it (nonnegative,
-    no improving vertex off the support) and its objective is not higher. [M, T]."""
+    no improving vertex off the support) and its objective is not higher, to rounding (1e-12 of the terms: where
+    the regularisation moved w by ~1e-8 the two objectives differ by ~1e-16, and which one rounding makes
+    smaller would pick w or wp at random, 1e-8 apart, differently in the native and the torch code). [M, T]."""
     if host_shortcuts(mask) and not bool(mask.any()):
         return w
     dt = gn.dtype
@@ -174,12 +194,16 @@ def _polish(gn, p, b, rho_safe, w, mask):
     wp = (x1 / s1_safe[:, None] + (t_star / rho_safe)[:, None] * qv) * f
 
     def objective(v):
-        return (v * b).sum(dim=1) + rho_safe * quad(gn, v).clamp_min(0.0).sqrt()
+        vb, vn = (v * b).sum(dim=1), rho_safe * quad(gn, v).clamp_min(0.0).sqrt()
+        return vb + vn, vb.abs() + vn
 
     gwp = quad(gn, wp).clamp_min(0.0).sqrt()
     grad = b + (rho_safe / torch.where(gwp > 0, gwp, one))[:, None] * matvec(gn, wp)
     lam = (grad * wp).sum(dim=1)  # equal on the support; wp sums to 1
     scale = grad.abs().amax(dim=1)
     off = ((lam[:, None] - grad) * p * (1.0 - f)).amax(dim=1)
-    ok = ok & (gwp > 0) & (wp >= 0).all(dim=1) & (off <= 1e-9 * scale) & (objective(wp) <= objective(w))
+    ok = ok & (gwp > 0) & (wp >= 0).all(dim=1) & (off <= 1e-9 * scale)
+    obj_p, _ = objective(wp)
+    obj_w, obj_scale = objective(w)
+    ok = ok & (obj_p <= obj_w + 1e-12 * obj_scale)
     return torch.where((mask & ok)[:, None], wp, w)

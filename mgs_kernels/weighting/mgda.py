@@ -9,9 +9,9 @@ from typing import Dict, Optional
 import torch
 
 from ._common import all_done, check_choice, check_float, check_int, matvec, mean_weights, trace_normalize
-from ._native_solvers import inputs, native_solver, outputs, threads
+from ._native_solvers import inputs, lcp_solver, native_solver, outputs, reg_output, threads
 from ._projection import regularized_cosine
-from ._qp import solve_lcp
+from ._qp import default_max_pivots, solve_lcp
 from .base import State, Weighting, register
 
 
@@ -103,6 +103,19 @@ def min_norm_point(gram: torch.Tensor, present: torch.Tensor, *, reg_eps: Option
     positive definite matrix; then w = b / sum(b). Where the hull contains 0 (the module is Pareto
     stationary), w is the regularised problem's answer, whose direction has norm ~ sqrt(delta).
     """
+    mod = lcp_solver(gram, "mgda_min_norm")
+    if mod is not None:  # the CPU: the same solve, one module per thread (csrc/cpu/weighting_projection.cpp)
+        g, p = inputs(gram, present)
+        M, T, _ = g.shape
+        w, conv, iters = outputs(M, T, g.device)
+        delta = reg_output(M, g.device)
+        mod.mgda_min_norm(g.data_ptr(), p.data_ptr(), M, T, reg_eps is None, 0.0 if reg_eps is None else float(reg_eps),
+                          max_pivots if max_pivots is not None else default_max_pivots(T), w.data_ptr(),
+                          conv.data_ptr(), iters.data_ptr(), delta.data_ptr(), threads())
+        info["converged"] = conv
+        info["iterations"] = iters
+        info["reg"] = delta
+        return w
     a, d, delta = regularized_cosine(gram, present, reg_eps)
     p = present.to(gram.dtype)
     q = -(p / d)
