@@ -19,6 +19,12 @@ from test_weighting_families import FAMILIES, TASK_COUNTS, direction, gram_of, j
 # method key -> (method, options, native solver name)
 NATIVE = {
     "mgda": ("mgda", {}, "mgda_frank_wolfe"),
+    "fairgrad": ("fairgrad", dict(alpha=1.5), "fairgrad"),
+    "fairgrad_half": ("fairgrad", dict(alpha=0.5), "fairgrad"),
+    "fairgrad_one": ("fairgrad", dict(alpha=1.0), "fairgrad"),
+    "nash_mtl": ("nash_mtl", {}, "nash_mtl"),
+    "nash_mtl_free": ("nash_mtl", dict(max_norm=0.0), "nash_mtl"),
+    "nash_mtl_every2": ("nash_mtl", dict(update_weights_every=2, max_norm=0.5), "nash_mtl"),
 }
 
 
@@ -55,6 +61,23 @@ def test_every_native_solver_is_built():
         assert hasattr(mod, fn), f"{key}: mgs_kernels._mgs_cpu has no {fn}"
 
 
+def _newton_rounding_bound(ia, ib):
+    """Modules of the damped Newton methods (fairgrad, nash_mtl: info has "residual") whose iteration count
+    rounding decides, so that a count that differs is no flip (their weights are still compared):
+    - Pareto-stationary modules (converged False both ways): the iterate runs off along a null vector of G
+      until the Newton decrement underflows or the cap; both paths return zero weights;
+    - converged modules whose residual ends above 1e-14 either way: the residual floor of an
+      ill-conditioned module sits at the 1e-13 stopping test, which each step passes or not by rounding.
+    Measured (bench-free, /tmp script in the native-newton commit message): the torch code against itself
+    on the task-permuted Grams (same algorithm, other rounding) differs in 3.6-5.2% of the modules of this
+    test, all of them of these two kinds; beyond them, native and torch differ in no more than 2%."""
+    if "residual" not in ib:
+        return torch.zeros_like(ib["converged"])
+    both = ia["converged"] == ib["converged"]
+    floor = (ia["residual"] > 1e-14) | (ib["residual"] > 1e-14)
+    return both & (~ib["converged"] | floor)
+
+
 @pytest.mark.parametrize("key", sorted(NATIVE))
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
 def test_native_equals_torch_path(rng, key, dtype):
@@ -70,7 +93,7 @@ def test_native_equals_torch_path(rng, key, dtype):
             assert (ia["iterations"] >= 0).all()
             same = ia["converged"] == ib["converged"]
             if "iterations" in ib:
-                same &= ia["iterations"] == ib["iterations"]
+                same &= (ia["iterations"] == ib["iterations"]) | _newton_rounding_bound(ia, ib)
             flips += int((~same).sum())
             total += M
             # Modules that took the same path: equal to rounding in the direction they give.
@@ -94,7 +117,7 @@ def test_native_handles_empty_and_degenerate_modules(key):
     assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
     assert (a[1] == 0).all()
     assert torch.equal(ia["converged"], ib["converged"])
-    assert get_weighting(NATIVE[key][0], NATIVE[key][1])(G[:0], dtype=torch.float64).shape == (0, T)
+    assert solve(key, G[:0], native=True)[0].shape == (0, T)
 
 
 @pytest.mark.parametrize("key", sorted(NATIVE))
@@ -110,3 +133,32 @@ def test_native_is_bitwise_stable_across_thread_counts(key):
     finally:
         torch.set_num_threads(n)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("key", sorted(k for k in NATIVE if get_weighting(NATIVE[k][0], NATIVE[k][1]).stateful))
+def test_native_updates_state_as_the_torch_path(rng, key):
+    """Several steps on drifting Grams (warm starts, skipped updates, modules zeroed and restarted cold,
+    a module that turns empty): the native solver leaves the state as the torch code does."""
+    name, opts, _ = NATIVE[key]
+    M, T = 24, 5
+    w = get_weighting(name, opts)
+    sa, sb = w.init_state(M, T, torch.device("cpu")), w.init_state(M, T, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    J = jacobians("gaussian", M, T, gen)
+    J[:4] = jacobians("rank_deficient", 4, T, gen)  # Pareto stationary: zeroed, restarted cold
+    for step in range(5):
+        J = J + 0.05 * torch.randn(J.shape, generator=gen, dtype=J.dtype) * J.norm(dim=2, keepdim=True)
+        if step == 2:
+            J[5] = 0.0  # an empty module keeps its weights
+        G = gram_of(J)
+        a, ia = solve(key, G, native=True, state=sa)
+        b, ib = solve(key, G, native=False, state=sb)
+        assert torch.equal(sa["step"], sb["step"])
+        same = (ia["converged"] == ib["converged"]) & (
+            (ia["iterations"] == ib["iterations"]) | _newton_rounding_bound(ia, ib))
+        assert int((~same).sum()) <= 1, (step, ia, ib)
+        scale = J.double().norm(dim=(1, 2)).clamp_min(1e-300)
+        err = (direction(J, a) - direction(J, b)).norm(dim=1) / scale
+        assert (err[same] <= 1e-9).all(), (step, err[same].max().item())
+        rel = (sa["alpha"] - sb["alpha"]).abs().amax(dim=1) / sb["alpha"].abs().amax(dim=1).clamp_min(1e-300)
+        assert (rel[same] <= 1e-8).all(), (step, rel[same].max().item())
