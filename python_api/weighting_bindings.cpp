@@ -60,6 +60,17 @@ void bind_weighting(py::module_& m) {
       py::arg("max_iters"), py::arg("state_alpha"), py::arg("state_step"), py::arg("weights"), py::arg("converged"),
       py::arg("residual"), py::arg("iterations"), py::arg("num_threads"),
       "Nash-MTL's weights by damped Newton per module, state updated in place (float64)");
+  m.def(
+      "aligned_mtl",
+      [](std::uintptr_t gram, std::uintptr_t pref, int64_t M, int64_t T, int scale_mode, double input_eps,
+         std::uintptr_t weights, std::uintptr_t converged, std::uintptr_t rank, int num_threads) {
+        py::gil_scoped_release nogil;
+        mgs_weighting::aligned_mtl(ptr<const double>(gram), ptr<const double>(pref), M, T, scale_mode, input_eps,
+                                   ptr<double>(weights), ptr<uint8_t>(converged), ptr<int64_t>(rank), num_threads);
+      },
+      py::arg("gram"), py::arg("pref"), py::arg("M"), py::arg("T"), py::arg("scale_mode"), py::arg("input_eps"),
+      py::arg("weights"), py::arg("converged"), py::arg("rank"), py::arg("num_threads"),
+      "Aligned-MTL's weights by Jacobi eigen-decomposition per module (float64)");
 }
 
 }  // namespace mgs_bind

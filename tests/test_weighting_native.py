@@ -25,6 +25,9 @@ NATIVE = {
     "nash_mtl": ("nash_mtl", {}, "nash_mtl"),
     "nash_mtl_free": ("nash_mtl", dict(max_norm=0.0), "nash_mtl"),
     "nash_mtl_every2": ("nash_mtl", dict(update_weights_every=2, max_norm=0.5), "nash_mtl"),
+    "aligned_mtl": ("aligned_mtl", {}, "aligned_mtl"),
+    "aligned_mtl_median": ("aligned_mtl", dict(scale_mode="median"), "aligned_mtl"),
+    "aligned_mtl_rmse": ("aligned_mtl", dict(scale_mode="rmse"), "aligned_mtl"),
 }
 
 
@@ -68,9 +71,11 @@ def _newton_rounding_bound(ia, ib):
       until the Newton decrement underflows or the cap; both paths return zero weights;
     - converged modules whose residual ends above 1e-14 either way: the residual floor of an
       ill-conditioned module sits at the 1e-13 stopping test, which each step passes or not by rounding.
-    Measured (bench-free, /tmp script in the native-newton commit message): the torch code against itself
-    on the task-permuted Grams (same algorithm, other rounding) differs in 3.6-5.2% of the modules of this
-    test, all of them of these two kinds; beyond them, native and torch differ in no more than 2%."""
+    Measured: the torch code against itself on the same Grams with the tasks permuted (same algorithm,
+    other summation order) gives another count or flag in 3.6-5.2% of this test's modules (fairgrad
+    alpha 1.5, float64, 3 seeds), nearly all of these two kinds; with them set aside native and torch
+    differ in 0.1-0.3% (M = 64, both dtypes, fairgrad and nash_mtl), and the weights of the set-aside
+    modules agree to <= 4e-10 |J| in direction (nearly_rank_deficient; the others <= 2e-11)."""
     if "residual" not in ib:
         return torch.zeros_like(ib["converged"])
     both = ia["converged"] == ib["converged"]
@@ -90,10 +95,13 @@ def test_native_equals_torch_path(rng, key, dtype):
             a, ia = solve(key, G, native=True)
             b, ib = solve(key, G, native=False)
             assert not torch.isnan(a).any(), f"{key}: unwritten (poisoned) weights, {family} T={T}"
-            assert (ia["iterations"] >= 0).all()
             same = ia["converged"] == ib["converged"]
             if "iterations" in ib:
+                assert (ia["iterations"] >= 0).all()
                 same &= (ia["iterations"] == ib["iterations"]) | _newton_rounding_bound(ia, ib)
+            if "rank" in ib:  # spectral methods: an eigenvalue at the rank cut-off, kept by one path only
+                assert (ia["rank"] >= 0).all()
+                same &= ia["rank"] == ib["rank"]
             flips += int((~same).sum())
             total += M
             # Modules that took the same path: equal to rounding in the direction they give.

@@ -40,4 +40,11 @@ void nash_mtl(const double* gram, const uint8_t* present, int64_t M, int64_t T, 
               int64_t update_every, int64_t max_iters, double* state_alpha, int64_t* state_step, double* weights,
               uint8_t* converged, double* residual, int64_t* iterations, int num_threads);
 
+// Aligned-MTL (mgs_kernels/weighting/aligned_mtl.py): pref [M, T] float64 the preference weights u (0 on
+// absent tasks); scale_mode 0 min, 1 median (lower, as torch.median), 2 rmse; input_eps the unit roundoff
+// of the Gram's input dtype (rank cut-off T * input_eps * the largest eigenvalue of G / tr G).
+// converged [M] uint8 out: the Jacobi sweeps converged; rank [M] int64 out: eigenvalues kept.
+void aligned_mtl(const double* gram, const double* pref, int64_t M, int64_t T, int scale_mode, double input_eps,
+                 double* weights, uint8_t* converged, int64_t* rank, int num_threads);
+
 }  // namespace mgs_weighting
