@@ -83,6 +83,18 @@ def _newton_rounding_bound(ia, ib):
     return both & (~ib["converged"] | floor)
 
 
+def _newton_unresolved(ia, ib):
+    """Converged modules of the damped Newton methods whose solve stopped, both ways, without meeting its
+    1e-13 residual test (iteration cap or decrement at rounding; residual <= 1e-9 only): nearly singular
+    modules whose iterate is the answer only to residual times conditioning. Their directions get 1e-8
+    instead of 1e-9: measured on such modules (about 4% of this test's fairgrad modules), the torch code
+    against itself on task-permuted Grams differs by up to 2.3e-9 |J| (float32, 15 seeds), native
+    against torch by up to 2.2e-9."""
+    if "residual" not in ib:
+        return torch.zeros_like(ib["converged"])
+    return ia["converged"] & ib["converged"] & (ia["residual"] > 1e-13) & (ib["residual"] > 1e-13)
+
+
 @pytest.mark.parametrize("key", sorted(NATIVE))
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
 def test_native_equals_torch_path(rng, key, dtype):
@@ -108,7 +120,8 @@ def test_native_equals_torch_path(rng, key, dtype):
             da, db = direction(J, a), direction(J, b)
             scale = J.double().norm(dim=(1, 2)).clamp_min(1e-300)  # zero_row at T = 1: J = 0
             err = (da - db).norm(dim=1) / scale
-            assert (err[same] <= 1e-9).all(), (family, T, err[same].max().item())
+            tol = torch.where(_newton_unresolved(ia, ib), 1e-8, 1e-9)
+            assert (err[same] <= tol[same]).all(), (family, T, (err[same] / tol[same]).max().item())
     assert flips <= 0.02 * total, f"{flips} of {total} modules stopped differently"
 
 
