@@ -197,7 +197,9 @@ class BuildExt(build_ext):
 
 # The native CPU solvers of the weighting methods (csrc/cpu/mgs_weighting.h), one file per solver family.
 WEIGHTING_SOURCES = ["csrc/cpu/weighting_frank_wolfe.cpp", "csrc/cpu/weighting_cagrad.cpp",
-                     "csrc/cpu/weighting_projection.cpp"]
+                     "csrc/cpu/weighting_projection.cpp", "csrc/cpu/weighting_newton.cpp",
+                     "csrc/cpu/weighting_fairgrad.cpp", "csrc/cpu/weighting_nash_mtl.cpp",
+                     "csrc/cpu/weighting_jacobi.cpp", "csrc/cpu/weighting_aligned_mtl.cpp"]
 
 
 def _extensions():
@@ -208,7 +210,8 @@ def _extensions():
             sources=["csrc/cpu/mgs_cpu.cpp", "python_api/mgs_cpu_module.cpp", "python_api/weighting_bindings.cpp"]
             + WEIGHTING_SOURCES,
             depends=["csrc/cpu/mgs_cpu.h", "csrc/cpu/mgs_weighting.h", "csrc/cpu/weighting_dense.h",
-                     "csrc/cpu/weighting_lcp.h", "csrc/mgs_fused_step.h",
+                     "csrc/cpu/weighting_lcp.h", "csrc/cpu/weighting_newton.h", "csrc/cpu/weighting_jacobi.h",
+                     "csrc/mgs_fused_step.h",
                      "python_api/fused_step_desc.h"],
             language="c++",
         )

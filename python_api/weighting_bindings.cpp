@@ -76,6 +76,45 @@ void bind_weighting(py::module_& m) {
       py::arg("gram"), py::arg("present"), py::arg("M"), py::arg("T"), py::arg("auto_reg"), py::arg("reg_eps"),
       py::arg("max_pivots"), py::arg("weights"), py::arg("converged"), py::arg("iterations"), py::arg("reg"),
       py::arg("num_threads"), "MGDA's exact min-norm point per module (float64), as mgda.py min_norm_point");
+  m.def(
+      "fairgrad",
+      [](std::uintptr_t gram, std::uintptr_t present, int64_t M, int64_t T, double alpha, int64_t max_iters,
+         std::uintptr_t weights, std::uintptr_t converged, std::uintptr_t residual, std::uintptr_t iterations,
+         int num_threads) {
+        py::gil_scoped_release nogil;
+        mgs_weighting::fairgrad(ptr<const double>(gram), ptr<const uint8_t>(present), M, T, alpha, max_iters,
+                                ptr<double>(weights), ptr<uint8_t>(converged), ptr<double>(residual),
+                                ptr<int64_t>(iterations), num_threads);
+      },
+      py::arg("gram"), py::arg("present"), py::arg("M"), py::arg("T"), py::arg("alpha"), py::arg("max_iters"),
+      py::arg("weights"), py::arg("converged"), py::arg("residual"), py::arg("iterations"), py::arg("num_threads"),
+      "FairGrad's weights by damped Newton per module (float64, alpha > 0)");
+  m.def(
+      "nash_mtl",
+      [](std::uintptr_t gram, std::uintptr_t present, int64_t M, int64_t T, double max_norm, int64_t update_every,
+         int64_t max_iters, std::uintptr_t state_alpha, std::uintptr_t state_step, std::uintptr_t weights,
+         std::uintptr_t converged, std::uintptr_t residual, std::uintptr_t iterations, int num_threads) {
+        py::gil_scoped_release nogil;
+        mgs_weighting::nash_mtl(ptr<const double>(gram), ptr<const uint8_t>(present), M, T, max_norm, update_every,
+                                max_iters, ptr<double>(state_alpha), ptr<int64_t>(state_step), ptr<double>(weights),
+                                ptr<uint8_t>(converged), ptr<double>(residual), ptr<int64_t>(iterations),
+                                num_threads);
+      },
+      py::arg("gram"), py::arg("present"), py::arg("M"), py::arg("T"), py::arg("max_norm"), py::arg("update_every"),
+      py::arg("max_iters"), py::arg("state_alpha"), py::arg("state_step"), py::arg("weights"), py::arg("converged"),
+      py::arg("residual"), py::arg("iterations"), py::arg("num_threads"),
+      "Nash-MTL's weights by damped Newton per module, state updated in place (float64)");
+  m.def(
+      "aligned_mtl",
+      [](std::uintptr_t gram, std::uintptr_t pref, int64_t M, int64_t T, int scale_mode, double input_eps,
+         std::uintptr_t weights, std::uintptr_t converged, std::uintptr_t rank, int num_threads) {
+        py::gil_scoped_release nogil;
+        mgs_weighting::aligned_mtl(ptr<const double>(gram), ptr<const double>(pref), M, T, scale_mode, input_eps,
+                                   ptr<double>(weights), ptr<uint8_t>(converged), ptr<int64_t>(rank), num_threads);
+      },
+      py::arg("gram"), py::arg("pref"), py::arg("M"), py::arg("T"), py::arg("scale_mode"), py::arg("input_eps"),
+      py::arg("weights"), py::arg("converged"), py::arg("rank"), py::arg("num_threads"),
+      "Aligned-MTL's weights by Jacobi eigen-decomposition per module (float64)");
 }
 
 }  // namespace mgs_bind

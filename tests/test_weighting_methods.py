@@ -118,8 +118,13 @@ def test_projection_methods_match_torchjd_and_the_primal(rng, method, family):
         err = (d - d_ref).norm(dim=1) / jscale(J).clamp_min(1e-300)
         # Singular Grams are solved with the relative regularisation delta = 1e-12 (the weights are
         # not unique): a Pareto-stationary module, whose exact direction is 0, keeps a direction of
-        # ~sqrt(delta) |J|.
-        assert (err <= (1e-5 if family in SINGULAR_FAMILIES else 1e-9)).all(), (T, err)
+        # ~sqrt(delta) |w| |J| (Tikhonov's bias): 1e-5 |J| at most in 40,320 modules of the singular
+        # families, but 2.8e-3 |J| once where the exact answer needs weights ~1e4 (MGS_TEST_SEED=336804749
+        # in test_weighting_native, dualproj, rank-deficient, T = 8); a known limit (docs/methods.md).
+        w_size = w.abs().amax(dim=1)
+        bias = info["reg"].sqrt() * w_size if "reg" in info else torch.zeros_like(w_size)
+        tol = 1e-5 + bias if family in SINGULAR_FAMILIES else torch.full_like(err, 1e-9)
+        assert (err <= tol).all(), (T, err)
         if family in PD_FAMILIES:
             # Weights: torchjd's projector without regularisation (quadprog, exact) on G / tr G.
             ref = oracle(G, _torchjd_projection(method, 0.0), normalize=True)

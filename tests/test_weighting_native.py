@@ -27,6 +27,15 @@ NATIVE = {
     "dualproj": ("dualproj", {}, "dual_cone_projection"),
     "dualproj_torchjd": ("dualproj", dict(compat="torchjd"), "dual_cone_projection"),
     "mgda_exact": ("mgda", dict(solver="exact"), "mgda_min_norm"),
+    "fairgrad": ("fairgrad", dict(alpha=1.5), "fairgrad"),
+    "fairgrad_half": ("fairgrad", dict(alpha=0.5), "fairgrad"),
+    "fairgrad_one": ("fairgrad", dict(alpha=1.0), "fairgrad"),
+    "nash_mtl": ("nash_mtl", {}, "nash_mtl"),
+    "nash_mtl_free": ("nash_mtl", dict(max_norm=0.0), "nash_mtl"),
+    "nash_mtl_every2": ("nash_mtl", dict(update_weights_every=2, max_norm=0.5), "nash_mtl"),
+    "aligned_mtl": ("aligned_mtl", {}, "aligned_mtl"),
+    "aligned_mtl_median": ("aligned_mtl", dict(scale_mode="median"), "aligned_mtl"),
+    "aligned_mtl_rmse": ("aligned_mtl", dict(scale_mode="rmse"), "aligned_mtl"),
 }
 
 
@@ -63,6 +72,37 @@ def test_every_native_solver_is_built():
         assert hasattr(mod, fn), f"{key}: mgs_kernels._mgs_cpu has no {fn}"
 
 
+def _newton_rounding_bound(ia, ib):
+    """Modules of the damped Newton methods (fairgrad, nash_mtl: info has "residual") whose iteration count
+    rounding decides, so that a count that differs is no flip (their weights are still compared):
+    - Pareto-stationary modules (converged False both ways): the iterate runs off along a null vector of G
+      until the Newton decrement underflows or the cap; both paths return zero weights;
+    - converged modules whose residual ends above 1e-14 either way: the residual floor of an
+      ill-conditioned module sits at the 1e-13 stopping test, which each step passes or not by rounding.
+    Measured: the torch code against itself on the same Grams with the tasks permuted (same algorithm,
+    other summation order) gives another count or flag in 3.6-5.2% of this test's modules (fairgrad
+    alpha 1.5, float64, 3 seeds), nearly all of these two kinds; with them set aside native and torch
+    differ in 0.1-0.3% (M = 64, both dtypes, fairgrad and nash_mtl), and the weights of the set-aside
+    modules agree to <= 4e-10 |J| in direction (nearly_rank_deficient; the others <= 2e-11)."""
+    if "residual" not in ib:
+        return torch.zeros_like(ib["converged"])
+    both = ia["converged"] == ib["converged"]
+    floor = (ia["residual"] > 1e-14) | (ib["residual"] > 1e-14)
+    return both & (~ib["converged"] | floor)
+
+
+def _newton_unresolved(ia, ib):
+    """Converged modules of the damped Newton methods whose solve stopped, both ways, without meeting its
+    1e-13 residual test (iteration cap or decrement at rounding; residual <= 1e-9 only): nearly singular
+    modules whose iterate is the answer only to residual times conditioning. Their directions get 1e-8
+    instead of 1e-9: measured on such modules (about 4% of this test's fairgrad modules), the torch code
+    against itself on task-permuted Grams differs by up to 2.3e-9 |J| (float32, 15 seeds), native
+    against torch by up to 2.2e-9."""
+    if "residual" not in ib:
+        return torch.zeros_like(ib["converged"])
+    return ia["converged"] & ib["converged"] & (ia["residual"] > 1e-13) & (ib["residual"] > 1e-13)
+
+
 @pytest.mark.parametrize("key", sorted(NATIVE))
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
 def test_native_equals_torch_path(rng, key, dtype):
@@ -75,17 +115,27 @@ def test_native_equals_torch_path(rng, key, dtype):
             a, ia = solve(key, G, native=True)
             b, ib = solve(key, G, native=False)
             assert not torch.isnan(a).any(), f"{key}: unwritten (poisoned) weights, {family} T={T}"
-            assert (ia["iterations"] >= 0).all()
             same = ia["converged"] == ib["converged"]
             if "iterations" in ib:
-                same &= ia["iterations"] == ib["iterations"]
+                assert (ia["iterations"] >= 0).all()
+                same &= (ia["iterations"] == ib["iterations"]) | _newton_rounding_bound(ia, ib)
+            if "rank" in ib:  # spectral methods: an eigenvalue at the rank cut-off, kept by one path only
+                assert (ia["rank"] >= 0).all()
+                same &= ia["rank"] == ib["rank"]
             flips += int((~same).sum())
             total += M
             # Modules that took the same path: equal to rounding in the direction they give.
             da, db = direction(J, a), direction(J, b)
             scale = J.double().norm(dim=(1, 2)).clamp_min(1e-300)  # zero_row at T = 1: J = 0
             err = (da - db).norm(dim=1) / scale
-            assert (err[same] <= 1e-9).all(), (family, T, err[same].max().item())
+            tol = torch.where(_newton_unresolved(ia, ib), 1e-8, 1e-9)
+            if "reg" in ia:
+                # A regularised singular problem (delta >= 1e-12) is conditioned like its weights are large:
+                # rounding moves the direction by ~eps cond |w| (seen: 6.6e-9 |J| at weights ~7e3, dualproj,
+                # rank-deficient, T = 8, delta 1e-12), so the bound scales with max(1, |w|) there.
+                size = torch.maximum(a.abs().amax(dim=1), b.abs().amax(dim=1)).clamp_min(1.0)
+                tol = torch.where(ia["reg"] > 0, tol * size, tol)
+            assert (err[same] <= tol[same]).all(), (family, T, (err[same] / tol[same]).max().item())
     assert flips <= 0.02 * total, f"{flips} of {total} modules stopped differently"
 
 
@@ -102,7 +152,7 @@ def test_native_handles_empty_and_degenerate_modules(key):
     assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
     assert (a[1] == 0).all()
     assert torch.equal(ia["converged"], ib["converged"])
-    assert get_weighting(NATIVE[key][0], NATIVE[key][1])(G[:0], dtype=torch.float64).shape == (0, T)
+    assert solve(key, G[:0], native=True)[0].shape == (0, T)
 
 
 @pytest.mark.parametrize("key", sorted(NATIVE))
@@ -118,3 +168,32 @@ def test_native_is_bitwise_stable_across_thread_counts(key):
     finally:
         torch.set_num_threads(n)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("key", sorted(k for k in NATIVE if get_weighting(NATIVE[k][0], NATIVE[k][1]).stateful))
+def test_native_updates_state_as_the_torch_path(rng, key):
+    """Several steps on drifting Grams (warm starts, skipped updates, modules zeroed and restarted cold,
+    a module that turns empty): the native solver leaves the state as the torch code does."""
+    name, opts, _ = NATIVE[key]
+    M, T = 24, 5
+    w = get_weighting(name, opts)
+    sa, sb = w.init_state(M, T, torch.device("cpu")), w.init_state(M, T, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    J = jacobians("gaussian", M, T, gen)
+    J[:4] = jacobians("rank_deficient", 4, T, gen)  # Pareto stationary: zeroed, restarted cold
+    for step in range(5):
+        J = J + 0.05 * torch.randn(J.shape, generator=gen, dtype=J.dtype) * J.norm(dim=2, keepdim=True)
+        if step == 2:
+            J[5] = 0.0  # an empty module keeps its weights
+        G = gram_of(J)
+        a, ia = solve(key, G, native=True, state=sa)
+        b, ib = solve(key, G, native=False, state=sb)
+        assert torch.equal(sa["step"], sb["step"])
+        same = (ia["converged"] == ib["converged"]) & (
+            (ia["iterations"] == ib["iterations"]) | _newton_rounding_bound(ia, ib))
+        assert int((~same).sum()) <= 1, (step, ia, ib)
+        scale = J.double().norm(dim=(1, 2)).clamp_min(1e-300)
+        err = (direction(J, a) - direction(J, b)).norm(dim=1) / scale
+        assert (err[same] <= 1e-9).all(), (step, err[same].max().item())
+        rel = (sa["alpha"] - sb["alpha"]).abs().amax(dim=1) / sb["alpha"].abs().amax(dim=1).clamp_min(1e-300)
+        assert (rel[same] <= 1e-8).all(), (step, rel[same].max().item())

@@ -49,5 +49,26 @@ void dual_cone_projection(const double* gram, const uint8_t* present, const doub
 void mgda_min_norm(const double* gram, const uint8_t* present, int64_t M, int64_t T, bool auto_reg, double reg_eps,
                    int64_t max_pivots, double* weights, uint8_t* converged, int64_t* iterations, double* reg,
                    int num_threads);
+// FairGrad, alpha > 0 (mgs_kernels/weighting/fairgrad.py): damped Newton (weighting_newton.h) for
+// G w = w^(-1/alpha) on G / tr G, rescaled by tr G^(-alpha / (alpha + 1)); zero weights where the residual
+// stays above 1e-9 (converged 0). residual [M] float64 out: the solve's residual (on G / tr G).
+void fairgrad(const double* gram, const uint8_t* present, int64_t M, int64_t T, double alpha, int64_t max_iters,
+              double* weights, uint8_t* converged, double* residual, int64_t* iterations, int num_threads);
+
+// Nash-MTL (mgs_kernels/weighting/nash_mtl.py): where state_step % update_every == 0 and a task is present,
+// damped Newton for w_i (G w)_i = 1 warm-started from state_alpha, zero where unsolved; else the state's
+// weights (converged 1, residual 0, iterations 0). state_alpha [M, T] float64 and state_step [M] int64 are
+// updated in place (the weights before the clip; step + 1); weights = state_alpha scaled down so that
+// sqrt(W^T G W) <= max_norm (max_norm 0: no clip).
+void nash_mtl(const double* gram, const uint8_t* present, int64_t M, int64_t T, double max_norm,
+              int64_t update_every, int64_t max_iters, double* state_alpha, int64_t* state_step, double* weights,
+              uint8_t* converged, double* residual, int64_t* iterations, int num_threads);
+
+// Aligned-MTL (mgs_kernels/weighting/aligned_mtl.py): pref [M, T] float64 the preference weights u (0 on
+// absent tasks); scale_mode 0 min, 1 median (lower, as torch.median), 2 rmse; input_eps the unit roundoff
+// of the Gram's input dtype (rank cut-off T * input_eps * the largest eigenvalue of G / tr G).
+// converged [M] uint8 out: the Jacobi sweeps converged; rank [M] int64 out: eigenvalues kept.
+void aligned_mtl(const double* gram, const double* pref, int64_t M, int64_t T, int scale_mode, double input_eps,
+                 double* weights, uint8_t* converged, int64_t* rank, int num_threads);
 
 }  // namespace mgs_weighting

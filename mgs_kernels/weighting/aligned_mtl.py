@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ._common import check_choice, check_vector, pref_weights, trace_normalize
+from ._native_solvers import native_solver, outputs, threads
 from ._spectral import apply_spectral, eig_with_rank
 from .base import State, Weighting, register
 
@@ -40,6 +41,16 @@ class AlignedMTLWeighting(Weighting):
                 generator: Optional[torch.Generator], info: Dict[str, torch.Tensor],
                 input_eps: float = 2.0 ** -52) -> torch.Tensor:
         u = pref_weights(self.name, self.pref_vector, present, "mean")
+        mod = native_solver(gram, "aligned_mtl")
+        if mod is not None:  # the same computation, one module per thread (csrc/cpu/weighting_aligned_mtl.cpp)
+            g, uc = gram.to(torch.float64).contiguous(), u.to(torch.float64).contiguous()
+            M, T, _ = g.shape
+            w, conv, rank = outputs(M, T, g.device)
+            mod.aligned_mtl(g.data_ptr(), uc.data_ptr(), M, T, ("min", "median", "rmse").index(self.scale_mode),
+                            input_eps, w.data_ptr(), conv.data_ptr(), rank.data_ptr(), threads())
+            info["converged"] = conv
+            info["rank"] = rank
+            return w
         gn, _ = trace_normalize(gram)
         lam, V, kept = eig_with_rank(gn, input_eps, info, absolute=False)
         r = kept.sum(dim=1)

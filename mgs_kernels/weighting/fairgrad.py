@@ -8,6 +8,7 @@ from typing import Dict, Optional
 import torch
 
 from ._common import check_float, check_int, mean_weights, trace_normalize
+from ._native_solvers import inputs, native_solver, outputs, threads
 from ._newton import alpha_fair, unsolved_to_zero
 from .base import State, Weighting, register
 
@@ -45,6 +46,18 @@ class FairGradWeighting(Weighting):
         if self.alpha == 0.0:
             info["converged"] = torch.ones(gram.shape[0], dtype=torch.bool, device=gram.device)
             return mean_weights(present)
+        mod = native_solver(gram, "fairgrad")
+        if mod is not None:  # the same solve, one module per thread (csrc/cpu/weighting_fairgrad.cpp)
+            g, p = inputs(gram, present)
+            M, T, _ = g.shape
+            w, conv, iters = outputs(M, T, g.device)
+            res = torch.full((M,), float("nan"), dtype=torch.float64)
+            mod.fairgrad(g.data_ptr(), p.data_ptr(), M, T, self.alpha, self.max_iters, w.data_ptr(), conv.data_ptr(),
+                         res.data_ptr(), iters.data_ptr(), threads())
+            info["converged"] = conv
+            info["residual"] = res
+            info["iterations"] = iters
+            return w
         gn, tr = trace_normalize(gram)
         w, res, iters = alpha_fair(gn, present, self.alpha, max_iters=self.max_iters)
         info["converged"] = res <= 1e-9

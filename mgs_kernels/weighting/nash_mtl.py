@@ -9,6 +9,7 @@ import torch
 
 from .._errors import MGSInputError
 from ._common import check_float, check_int, quad, trace_normalize
+from ._native_solvers import inputs, native_solver, outputs, threads
 from ._newton import alpha_fair, unsolved_to_zero
 from .base import State, Weighting, register
 
@@ -59,6 +60,9 @@ class NashMTLWeighting(Weighting):
         if self.n_tasks is not None and self.n_tasks != T:
             raise MGSInputError(f"nash_mtl: n_tasks={self.n_tasks} but the Gram has T = {T} tasks")
         check_state(self.name, state, {"alpha": (M, T), "step": (M,)}, gram.device)
+        mod = native_solver(gram, "nash_mtl")
+        if mod is not None and _native_state(state):
+            return self._native(mod, gram, present, state, info)
         gn, tr = trace_normalize(gram)
         root = torch.where(tr > 0, tr, torch.ones_like(tr)).sqrt()[:, None]
         # On G / tr G the solution is sqrt(tr G) times the one on G.
@@ -77,6 +81,30 @@ class NashMTLWeighting(Weighting):
                                  torch.ones_like(norm))
             alpha = alpha * shrink[:, None]
         return alpha
+
+    def _native(self, mod, gram: torch.Tensor, present: torch.Tensor, state: State,
+                info: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """compute() by csrc/cpu/weighting_nash_mtl.cpp: the same solve, one module per thread, the state
+        updated in place through its pointers."""
+        g, p = inputs(gram, present)
+        M, T, _ = g.shape
+        w, conv, iters = outputs(M, T, g.device)
+        res = torch.full((M,), float("nan"), dtype=torch.float64)
+        mod.nash_mtl(g.data_ptr(), p.data_ptr(), M, T, self.max_norm, self.update_weights_every, self.optim_niter,
+                     state["alpha"].data_ptr(), state["step"].data_ptr(), w.data_ptr(), conv.data_ptr(),
+                     res.data_ptr(), iters.data_ptr(), threads())
+        info["converged"] = conv
+        info["residual"] = res
+        info["iterations"] = iters
+        return w
+
+
+def _native_state(state: State) -> bool:
+    """Whether the native solver can update ``state`` in place through its pointers (init_state's dtypes,
+    contiguous); a state loaded in another layout runs the torch code, which handles any."""
+    a, s = state["alpha"], state["step"]
+    return (a.dtype == torch.float64 and s.dtype == torch.int64 and a.is_contiguous() and s.is_contiguous()
+            and not a.requires_grad)
 
 
 def check_state(method: str, state: State, shapes: Dict[str, tuple], device: torch.device) -> None:
