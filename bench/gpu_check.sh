@@ -6,8 +6,9 @@
 #   bash bench/gpu_check.sh            # from the repository root, in the environment that has torch (+ triton)
 #
 # Outputs (SLUG = device name, e.g. nvidia_h100_80gb_hbm3):
-#   bench/results/gpu_<SLUG>_build.log, _tests.log (+ _tests.xml), _doctor.log / .json, _bench.json / .md / .png
-# Exit status: 0 when the build, the tests, the doctor and the bench all succeeded, else 1 (the summary at
+#   bench/results/gpu_<SLUG>_build.log, _tests.log (+ _tests.xml), _doctor.log / .json, _weighting.json / .md,
+#   _bench.json / .md / .png
+# Exit status: 0 when the build, the tests, the doctor and both benches succeeded, else 1 (the summary at
 # the end says which step failed).
 set -uo pipefail
 
@@ -60,7 +61,15 @@ timeout $(( $(left) * 30 / 100 ))s "$PY" -m mgs_kernels.doctor --json "${PREFIX}
 STATUS[doctor]=$?
 sed -n '/^backends/,$p' "${PREFIX}_doctor.log" | head -n 60
 
-# 4. The full benchmark grid with what is left of the budget (the Python-loop baselines stop at 60% of it).
+# 4. The weighting methods' cost on the GPU (the batched torch code: its kernel launches, no host sync) next
+#    to the Gram pass, every method at T = 3 and 8 (torchjd's columns left out: they time CPU solvers).
+echo "[$(elapsed)s] bench/weighting.py on the GPU"
+timeout $(( $(left) * 15 / 100 ))s "$PY" bench/weighting.py --device cuda --no-torchjd --reps 10 \
+  --json "${PREFIX}_weighting.json" --md "${PREFIX}_weighting.md" > "${PREFIX}_weighting.log" 2>&1
+STATUS[weighting]=$?
+tail -n 40 "${PREFIX}_weighting.log"
+
+# 5. The full benchmark grid with what is left of the budget (the Python-loop baselines stop at 60% of it).
 REMAIN=$(left)
 if [ "$REMAIN" -lt 60 ]; then REMAIN=60; fi
 echo "[$(elapsed)s] bench/run.py (full grid, ${REMAIN}s left)"
@@ -72,7 +81,7 @@ tail -n 40 "${PREFIX}_bench.log"
 echo
 echo "gpu_check summary ($(elapsed)s, device $SLUG):"
 FAIL=0
-for step in build tests doctor bench; do
+for step in build tests doctor weighting bench; do
   s=${STATUS[$step]}
   case "$s" in
     0) msg="ok" ;;

@@ -83,34 +83,42 @@ def torchjd_objects(key: str, T: int):
     return None
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_ms(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in ms (GPU work included: synchronised before and after each call)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
-def make_grads(T: int, N: int, seed: int) -> torch.Tensor:
+def make_grads(T: int, N: int, seed: int, device: str = "cpu") -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     A = torch.randn(T, T, generator=gen)
     Z = torch.randn(T, N, generator=gen)
-    return (A @ Z).contiguous()
+    return (A @ Z).contiguous().to(device)
 
 
 def bench(args) -> List[Dict]:
     lay = layouts.scaled("llama3.1-8b", args.n)
-    offsets = lay.offsets("tensor")
+    offsets = lay.offsets("tensor").to(args.device)
     M = offsets.numel() - 1
     rows = []
     for T in args.t:
-        grads = make_grads(T, lay.numel, args.seed)
+        grads = make_grads(T, lay.numel, args.seed, args.device)
         gram = mgs_kernels.segmented_gram(grads, offsets)
         gram_ms = median_ms(lambda: mgs_kernels.segmented_gram(grads, offsets), args.reps)
-        w0 = torch.full((M, T), 1.0 / T)
+        w0 = torch.full((M, T), 1.0 / T, device=args.device)
         combine_ms = median_ms(lambda: mgs_kernels.segmented_combine(grads, offsets, w0), args.reps)
         pc_ms = median_ms(lambda: mgs_kernels.pcgrad_weights(gram, order="fixed"), args.reps)
         rows.append(dict(method="pcgrad (existing kernel)", T=T, M=M, N=lay.numel, weights_ms=pc_ms,
@@ -118,6 +126,7 @@ def bench(args) -> List[Dict]:
                          combine_ms=combine_ms, total_ms=gram_ms + pc_ms + combine_ms, torchjd_module_ms=None,
                          torchjd_module_extrapolated=False, torchjd_global_ms=None, converged=None))
         bounds = offsets.tolist()
+        g_cpu = grads.cpu()
         for key in args.methods:
             w = our_weighting(key, T)
             state = w.init_state(M, T, gram.device) if w.stateful else None
@@ -139,13 +148,13 @@ def bench(args) -> List[Dict]:
             objs = None if args.no_torchjd else torchjd_objects(key, T)
             if objs is not None:
                 make_module_fn, make_global = objs
-                g64 = gram.double()
+                g64 = gram.double().cpu()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     fns = [make_module_fn() for _ in range(M)]  # stateful ones: one instance per module
                     done, t0 = 0, time.perf_counter()
                     for m in range(M):
-                        fns[m](g64[m], grads[:, bounds[m]:bounds[m + 1]].double())
+                        fns[m](g64[m], g_cpu[:, bounds[m]:bounds[m + 1]].double())
                         done += 1
                         if time.perf_counter() - t0 > args.budget:
                             break
@@ -154,7 +163,7 @@ def bench(args) -> List[Dict]:
                     row["torchjd_module_extrapolated"] = done < M
                     agg = make_global()
                     try:
-                        row["torchjd_global_ms"] = median_ms(lambda: agg(grads), max(1, args.reps // 3))
+                        row["torchjd_global_ms"] = median_ms(lambda: agg(g_cpu), max(1, args.reps // 3))
                     except Exception as exc:  # noqa: BLE001
                         print(f"torchjd global {key} T={T}: {type(exc).__name__}: {exc}", file=sys.stderr)
             rows.append(row)
@@ -198,6 +207,8 @@ def main(argv=None) -> int:
                    "extrapolating")
     p.add_argument("--no-torchjd", action="store_true")
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cpu", help="where the gradients, Grams and weights live (e.g. cuda; "
+                   "torchjd always runs on the CPU, as it does for its users' solvers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json")
     p.add_argument("--md")
@@ -209,7 +220,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    header = (f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, Llama-3.1-8B per-tensor layout "
+    where = (f"CPU, {torch.get_num_threads()} threads" if args.device == "cpu"
+             else f"{args.device} ({torch.cuda.get_device_name(torch.device(args.device))})")
+    header = (f"{where}, torch {torch.__version__}, Llama-3.1-8B per-tensor layout "
               f"(291 modules) scaled to N ~ {args.n:.3g}, float32 gradients; load average at start {load}")
     rows = bench(args)
     table = markdown(rows)
