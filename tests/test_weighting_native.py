@@ -38,6 +38,7 @@ NATIVE = {
     "aligned_mtl_rmse": ("aligned_mtl", dict(scale_mode="rmse"), "aligned_mtl"),
     "imtl_g": ("imtl_g", {}, "imtl_g"),
     "imtl_g_torchjd": ("imtl_g", dict(compat="torchjd"), "imtl_g"),
+    "config": ("config", {}, "config"),
 }
 
 # Solvers of A^+ x (weighting_spectral.h), whose rounding error grows with 1 / the smallest kept eigenvalue.

@@ -1,5 +1,5 @@
 // The pseudo-inverse methods on the CPU: pinv_solve_one (weighting_spectral.h) and the weights of IMTL-G
-// (mgs_kernels/weighting/imtl_g.py) built on it, one module per thread.
+// (mgs_kernels/weighting/imtl_g.py) and ConFIG (config.py) built on it, one module per thread.
 #include "weighting_spectral.h"
 
 #include <algorithm>
@@ -125,6 +125,45 @@ void imtl_g(const double* gram, const uint8_t* present, int64_t M, int64_t T, bo
       const double test = torchjd ? std::fabs(v_sum) / std::sqrt(std::max(tr, 1e-300)) : std::fabs(v_sum);
       const bool ok = test >= 1e-12;
       for (size_t k = 0; k < T_; ++k) w[k] = ok ? v[k] / v_sum : 0.0;
+    }
+  }
+}
+
+void config(const double* gram, const uint8_t* present, const double* pref, int64_t M, int64_t T, double input_eps,
+            double* weights, uint8_t* converged, int64_t* rank, int num_threads) {
+  const JacobiSchedule schedule(T);
+#pragma omp parallel num_threads(num_threads > 0 ? num_threads : 1) if (M > 64)
+  {
+    const size_t T_ = static_cast<size_t>(T);
+    PinvScratch scratch(T);
+    std::vector<double> g(T_ * T_), c(T_ * T_), d(T_), a(T_);
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      const double* G = gram + m * T * T;
+      const uint8_t* p = present + m * T;
+      double* w = weights + m * T;
+      double tr = 0.0;
+      for (int64_t k = 0; k < T; ++k) tr += G[k * T + k];
+      const double s = tr > 0.0 ? tr : 1.0;
+      for (size_t i = 0; i < T_ * T_; ++i) g[i] = G[i] / s;
+      // _common.cosine(absent_diag=0): d = |g_k| (1 on absent tasks), C = G / (d d^T) on the present tasks with
+      // an exact unit diagonal, 0 elsewhere.
+      for (size_t k = 0; k < T_; ++k) d[k] = p[k] ? std::sqrt(std::max(g[k * T_ + k], 0.0)) : 1.0;
+      for (size_t i = 0; i < T_; ++i)
+        for (size_t j = 0; j < T_; ++j)
+          c[i * T_ + j] = i == j ? (p[i] ? 1.0 : 0.0) : (p[i] && p[j] ? g[i * T_ + j] / (d[i] * d[j]) : 0.0);
+      // a = D^-1 C^+ p, W = (1^T G a / max(a^T G a, 1e-24)) a (on G / tr G: both scale-free).
+      pinv_solve_one(c.data(), p, pref + m * T, T, input_eps, schedule, a.data(), converged + m, rank + m, scratch);
+      for (size_t k = 0; k < T_; ++k) a[k] /= d[k];
+      double aga = 0.0, num = 0.0;
+      for (size_t i = 0; i < T_; ++i) {
+        double ga = 0.0;
+        for (size_t j = 0; j < T_; ++j) ga += g[i * T_ + j] * a[j];
+        aga += ga * a[i];
+        num += p[i] ? ga : 0.0;
+      }
+      const double f = num / std::max(aga, 1e-24);
+      for (size_t k = 0; k < T_; ++k) w[k] = f * a[k];
     }
   }
 }
