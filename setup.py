@@ -199,7 +199,8 @@ class BuildExt(build_ext):
 WEIGHTING_SOURCES = ["csrc/cpu/weighting_frank_wolfe.cpp", "csrc/cpu/weighting_cagrad.cpp",
                      "csrc/cpu/weighting_projection.cpp", "csrc/cpu/weighting_newton.cpp",
                      "csrc/cpu/weighting_fairgrad.cpp", "csrc/cpu/weighting_nash_mtl.cpp",
-                     "csrc/cpu/weighting_jacobi.cpp", "csrc/cpu/weighting_aligned_mtl.cpp"]
+                     "csrc/cpu/weighting_jacobi.cpp", "csrc/cpu/weighting_aligned_mtl.cpp",
+                     "csrc/cpu/weighting_spectral.cpp"]
 
 
 def _extensions():
@@ -211,6 +212,7 @@ def _extensions():
             + WEIGHTING_SOURCES,
             depends=["csrc/cpu/mgs_cpu.h", "csrc/cpu/mgs_weighting.h", "csrc/cpu/weighting_dense.h",
                      "csrc/cpu/weighting_lcp.h", "csrc/cpu/weighting_newton.h", "csrc/cpu/weighting_jacobi.h",
+                     "csrc/cpu/weighting_spectral.h",
                      "csrc/mgs_fused_step.h",
                      "python_api/fused_step_desc.h"],
             language="c++",

@@ -115,6 +115,29 @@ void bind_weighting(py::module_& m) {
       py::arg("gram"), py::arg("pref"), py::arg("M"), py::arg("T"), py::arg("scale_mode"), py::arg("input_eps"),
       py::arg("weights"), py::arg("converged"), py::arg("rank"), py::arg("num_threads"),
       "Aligned-MTL's weights by Jacobi eigen-decomposition per module (float64)");
+  m.def(
+      "imtl_g",
+      [](std::uintptr_t gram, std::uintptr_t present, int64_t M, int64_t T, bool torchjd, double input_eps,
+         std::uintptr_t weights, std::uintptr_t converged, std::uintptr_t rank, int num_threads) {
+        py::gil_scoped_release nogil;
+        mgs_weighting::imtl_g(ptr<const double>(gram), ptr<const uint8_t>(present), M, T, torchjd, input_eps,
+                              ptr<double>(weights), ptr<uint8_t>(converged), ptr<int64_t>(rank), num_threads);
+      },
+      py::arg("gram"), py::arg("present"), py::arg("M"), py::arg("T"), py::arg("torchjd"), py::arg("input_eps"),
+      py::arg("weights"), py::arg("converged"), py::arg("rank"), py::arg("num_threads"),
+      "IMTL-G's weights by pseudo-inverse solve per module (float64)");
+  m.def(
+      "config",
+      [](std::uintptr_t gram, std::uintptr_t present, std::uintptr_t pref, int64_t M, int64_t T, double input_eps,
+         std::uintptr_t weights, std::uintptr_t converged, std::uintptr_t rank, int num_threads) {
+        py::gil_scoped_release nogil;
+        mgs_weighting::config(ptr<const double>(gram), ptr<const uint8_t>(present), ptr<const double>(pref), M, T,
+                              input_eps, ptr<double>(weights), ptr<uint8_t>(converged), ptr<int64_t>(rank),
+                              num_threads);
+      },
+      py::arg("gram"), py::arg("present"), py::arg("pref"), py::arg("M"), py::arg("T"), py::arg("input_eps"),
+      py::arg("weights"), py::arg("converged"), py::arg("rank"), py::arg("num_threads"),
+      "ConFIG's weights by pseudo-inverse solve of the cosine matrix per module (float64)");
 }
 
 }  // namespace mgs_bind

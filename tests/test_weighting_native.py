@@ -36,7 +36,13 @@ NATIVE = {
     "aligned_mtl": ("aligned_mtl", {}, "aligned_mtl"),
     "aligned_mtl_median": ("aligned_mtl", dict(scale_mode="median"), "aligned_mtl"),
     "aligned_mtl_rmse": ("aligned_mtl", dict(scale_mode="rmse"), "aligned_mtl"),
+    "imtl_g": ("imtl_g", {}, "imtl_g"),
+    "imtl_g_torchjd": ("imtl_g", dict(compat="torchjd"), "imtl_g"),
+    "config": ("config", {}, "config"),
 }
+
+# Solvers of A^+ x (weighting_spectral.h), whose rounding error grows with 1 / the smallest kept eigenvalue.
+PINV_SOLVERS = ("imtl_g", "config")
 
 
 def _native_module():
@@ -51,16 +57,19 @@ def _native_module():
 pytestmark = pytest.mark.skipif(_native_module() is None, reason="native CPU module not built")
 
 
-def solve(key, G, *, native, state=None):
+def solve(key, G, *, native, state=None, seed=0):
+    """``seed``: the generator of a method that draws random numbers (gradvac's visit order), seeded alike
+    for both paths so that they consume the same draws."""
     name, opts, _ = NATIVE[key]
     w = get_weighting(name, opts)
     if w.stateful and state is None:
         state = w.init_state(G.shape[0], G.shape[1], G.device)
     info = {}
+    gen = torch.Generator().manual_seed(seed) if w.needs_generator else None
     old = native_solvers.NATIVE_SOLVERS
     native_solvers.NATIVE_SOLVERS = native
     try:
-        out = w(G, state=state, info=info, dtype=torch.float64)
+        out = w(G, state=state, info=info, dtype=torch.float64, generator=gen)
     finally:
         native_solvers.NATIVE_SOLVERS = old
     return out, info
@@ -115,7 +124,9 @@ def test_native_equals_torch_path(rng, key, dtype):
             a, ia = solve(key, G, native=True)
             b, ib = solve(key, G, native=False)
             assert not torch.isnan(a).any(), f"{key}: unwritten (poisoned) weights, {family} T={T}"
-            same = ia["converged"] == ib["converged"]
+            same = torch.ones(M, dtype=torch.bool)  # gradvac: no iterations to stop (no info)
+            if "converged" in ib:
+                same &= ia["converged"] == ib["converged"]
             if "iterations" in ib:
                 assert (ia["iterations"] >= 0).all()
                 same &= (ia["iterations"] == ib["iterations"]) | _newton_rounding_bound(ia, ib)
@@ -128,13 +139,21 @@ def test_native_equals_torch_path(rng, key, dtype):
             da, db = direction(J, a), direction(J, b)
             scale = J.double().norm(dim=(1, 2)).clamp_min(1e-300)  # zero_row at T = 1: J = 0
             err = (da - db).norm(dim=1) / scale
-            tol = torch.where(_newton_unresolved(ia, ib), 1e-8, 1e-9)
+            tol = torch.where(_newton_unresolved(ia, ib), 1e-8, 1e-9) if "residual" in ib else torch.full((M,), 1e-9)
             if "reg" in ia:
                 # A regularised singular problem (delta >= 1e-12) is conditioned like its weights are large:
                 # rounding moves the direction by ~eps cond |w| (seen: 6.6e-9 |J| at weights ~7e3, dualproj,
                 # rank-deficient, T = 8, delta 1e-12), so the bound scales with max(1, |w|) there.
                 size = torch.maximum(a.abs().amax(dim=1), b.abs().amax(dim=1)).clamp_min(1.0)
                 tol = torch.where(ia["reg"] > 0, tol * size, tol)
+            if NATIVE[key][2] in PINV_SOLVERS:
+                # A^+ x with a kept eigenvalue just above the cut-off next to a dropped one (float32 input: cut
+                # 6e-7 relative) amplifies rounding like the weights are large: seen 1.77e-8 |J| at weights
+                # ~1.1e3 (config, float32, nearly_rank_deficient, T = 5, kept 7.0e-7 next to dropped 2.9e-7), the
+                # torch code against itself on task-permuted Grams 1.67e-8 there; elsewhere (15 seeds, both
+                # dtypes, imtl_g and config) native against torch <= 6.5e-10. So the bound scales with max(1, |w|).
+                size = torch.maximum(a.abs().amax(dim=1), b.abs().amax(dim=1)).clamp_min(1.0)
+                tol = tol * size
             assert (err[same] <= tol[same]).all(), (family, T, (err[same] / tol[same]).max().item())
     assert flips <= 0.02 * total, f"{flips} of {total} modules stopped differently"
 
@@ -151,7 +170,9 @@ def test_native_handles_empty_and_degenerate_modules(key):
     b, ib = solve(key, G, native=False)
     assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
     assert (a[1] == 0).all()
-    assert torch.equal(ia["converged"], ib["converged"])
+    assert ia.keys() == ib.keys()
+    if "converged" in ib:
+        assert torch.equal(ia["converged"], ib["converged"])
     assert solve(key, G[:0], native=True)[0].shape == (0, T)
 
 
@@ -186,14 +207,22 @@ def test_native_updates_state_as_the_torch_path(rng, key):
         if step == 2:
             J[5] = 0.0  # an empty module keeps its weights
         G = gram_of(J)
-        a, ia = solve(key, G, native=True, state=sa)
-        b, ib = solve(key, G, native=False, state=sb)
-        assert torch.equal(sa["step"], sb["step"])
-        same = (ia["converged"] == ib["converged"]) & (
-            (ia["iterations"] == ib["iterations"]) | _newton_rounding_bound(ia, ib))
+        a, ia = solve(key, G, native=True, state=sa, seed=step)
+        b, ib = solve(key, G, native=False, state=sb, seed=step)
+        same = torch.ones(M, dtype=torch.bool)
+        if "converged" in ib:
+            same &= ia["converged"] == ib["converged"]
+        if "iterations" in ib:
+            same &= (ia["iterations"] == ib["iterations"]) | _newton_rounding_bound(ia, ib)
         assert int((~same).sum()) <= 1, (step, ia, ib)
         scale = J.double().norm(dim=(1, 2)).clamp_min(1e-300)
         err = (direction(J, a) - direction(J, b)).norm(dim=1) / scale
         assert (err[same] <= 1e-9).all(), (step, err[same].max().item())
-        rel = (sa["alpha"] - sb["alpha"]).abs().amax(dim=1) / sb["alpha"].abs().amax(dim=1).clamp_min(1e-300)
-        assert (rel[same] <= 1e-8).all(), (step, rel[same].max().item())
+        assert sa.keys() == sb.keys()
+        for name_ in sa:  # integer state (Nash-MTL's step) equal, float state (weights, targets) to rounding
+            x, y = sa[name_].reshape(M, -1), sb[name_].reshape(M, -1)
+            if not x.is_floating_point():
+                assert torch.equal(x, y), name_
+                continue
+            rel = (x - y).abs().amax(dim=1) / y.abs().amax(dim=1).clamp_min(1e-300)
+            assert (rel[same] <= 1e-8).all(), (step, name_, rel[same].max().item())

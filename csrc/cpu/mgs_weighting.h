@@ -71,4 +71,14 @@ void nash_mtl(const double* gram, const uint8_t* present, int64_t M, int64_t T, 
 void aligned_mtl(const double* gram, const double* pref, int64_t M, int64_t T, int scale_mode, double input_eps,
                  double* weights, uint8_t* converged, int64_t* rank, int num_threads);
 
+// The pseudo-inverse methods (weighting_spectral.h: _spectral.pinv_solve as it runs on the CPU, a Cholesky
+// solve on safely full-rank modules, else Jacobi with the cut-off T * input_eps * the largest |eigenvalue|).
+// converged [M] uint8 out: the Jacobi sweeps converged (1 on the Cholesky path); rank [M] int64 out.
+// IMTL-G (imtl_g.py): torchjd (compat="torchjd") tests |sum v| >= 1e-12 on G instead of G / tr G.
+void imtl_g(const double* gram, const uint8_t* present, int64_t M, int64_t T, bool torchjd, double input_eps,
+            double* weights, uint8_t* converged, int64_t* rank, int num_threads);
+// ConFIG (config.py): pref [M, T] float64 the preference weights p (0 on absent tasks).
+void config(const double* gram, const uint8_t* present, const double* pref, int64_t M, int64_t T, double input_eps,
+            double* weights, uint8_t* converged, int64_t* rank, int num_threads);
+
 }  // namespace mgs_weighting

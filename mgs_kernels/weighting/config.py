@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ._common import check_vector, cosine, matvec, pref_weights, quad, trace_normalize
+from ._native_solvers import inputs, native_solver, outputs, threads
 from ._spectral import pinv_solve
 from .base import State, Weighting, register
 
@@ -43,6 +44,17 @@ class ConFIGWeighting(Weighting):
                 generator: Optional[torch.Generator], info: Dict[str, torch.Tensor],
                 input_eps: float = 2.0 ** -52) -> torch.Tensor:
         pw = pref_weights(self.name, self.pref_vector, present, "ones")
+        mod = native_solver(gram, "config")
+        if mod is not None:  # the same computation, one module per thread (csrc/cpu/weighting_spectral.cpp)
+            g, p = inputs(gram, present)
+            pc = pw.to(torch.float64).contiguous()
+            M, T, _ = g.shape
+            w, conv, rank = outputs(M, T, g.device)
+            mod.config(g.data_ptr(), p.data_ptr(), pc.data_ptr(), M, T, input_eps, w.data_ptr(), conv.data_ptr(),
+                       rank.data_ptr(), threads())
+            info["converged"] = conv
+            info["rank"] = rank
+            return w
         gn, _ = trace_normalize(gram)
         c, d = cosine(gn, present, absent_diag=0.0)
         a = pinv_solve(c, pw, present, input_eps, info) / d

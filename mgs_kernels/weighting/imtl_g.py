@@ -8,6 +8,7 @@ from typing import Dict, Optional
 import torch
 
 from ._common import COMPAT_CHOICES, check_choice, trace_normalize
+from ._native_solvers import inputs, native_solver, outputs, threads
 from ._spectral import pinv_solve
 from .base import State, Weighting, register
 
@@ -36,6 +37,16 @@ class IMTLGWeighting(Weighting):
     def compute(self, gram: torch.Tensor, present: torch.Tensor, *, state: Optional[State],
                 generator: Optional[torch.Generator], info: Dict[str, torch.Tensor],
                 input_eps: float = 2.0 ** -52) -> torch.Tensor:
+        mod = native_solver(gram, "imtl_g")
+        if mod is not None:  # the same computation, one module per thread (csrc/cpu/weighting_spectral.cpp)
+            g, p = inputs(gram, present)
+            M, T, _ = g.shape
+            w, conv, rank = outputs(M, T, g.device)
+            mod.imtl_g(g.data_ptr(), p.data_ptr(), M, T, self.compat == "torchjd", input_eps, w.data_ptr(),
+                       conv.data_ptr(), rank.data_ptr(), threads())
+            info["converged"] = conv
+            info["rank"] = rank
+            return w
         gn, tr = trace_normalize(gram)
         d = torch.diagonal(gn, dim1=1, dim2=2).clamp_min(0.0).sqrt()
         v = pinv_solve(gn, d, present, input_eps, info)
