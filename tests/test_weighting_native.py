@@ -140,11 +140,11 @@ def test_native_equals_torch_path(rng, key, dtype):
             scale = J.double().norm(dim=(1, 2)).clamp_min(1e-300)  # zero_row at T = 1: J = 0
             err = (da - db).norm(dim=1) / scale
             tol = torch.where(_newton_unresolved(ia, ib), 1e-8, 1e-9) if "residual" in ib else torch.full((M,), 1e-9)
+            size = torch.maximum(a.abs().amax(dim=1), b.abs().amax(dim=1)).clamp_min(1.0)  # max(1, |w|)
             if "reg" in ia:
                 # A regularised singular problem (delta >= 1e-12) is conditioned like its weights are large:
                 # rounding moves the direction by ~eps cond |w| (seen: 6.6e-9 |J| at weights ~7e3, dualproj,
                 # rank-deficient, T = 8, delta 1e-12), so the bound scales with max(1, |w|) there.
-                size = torch.maximum(a.abs().amax(dim=1), b.abs().amax(dim=1)).clamp_min(1.0)
                 tol = torch.where(ia["reg"] > 0, tol * size, tol)
             if NATIVE[key][2] in PINV_SOLVERS:
                 # A^+ x with a kept eigenvalue just above the cut-off next to a dropped one (float32 input: cut
@@ -152,7 +152,6 @@ def test_native_equals_torch_path(rng, key, dtype):
                 # ~1.1e3 (config, float32, nearly_rank_deficient, T = 5, kept 7.0e-7 next to dropped 2.9e-7), the
                 # torch code against itself on task-permuted Grams 1.67e-8 there; elsewhere (15 seeds, both
                 # dtypes, imtl_g and config) native against torch <= 6.5e-10. So the bound scales with max(1, |w|).
-                size = torch.maximum(a.abs().amax(dim=1), b.abs().amax(dim=1)).clamp_min(1.0)
                 tol = tol * size
             assert (err[same] <= tol[same]).all(), (family, T, (err[same] / tol[same]).max().item())
     assert flips <= 0.02 * total, f"{flips} of {total} modules stopped differently"

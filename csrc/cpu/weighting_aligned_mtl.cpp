@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "mgs_weighting.h"
+#include "weighting_dense.h"
 #include "weighting_jacobi.h"
 
 namespace mgs_weighting {
@@ -25,10 +26,7 @@ void aligned_mtl(const double* gram, const double* pref, int64_t M, int64_t T, i
       const double* G = gram + m * T * T;
       const double* u = pref + m * T;
       double* w = weights + m * T;
-      double tr = 0.0;
-      for (int64_t k = 0; k < T; ++k) tr += G[k * T + k];
-      const double s = tr > 0.0 ? tr : 1.0;
-      for (size_t i = 0; i < TT; ++i) g[i] = G[i] / s;
+      dense::trace_normalize(G, T, g.data());
       converged[m] = jacobi_eig(g.data(), T, schedule, 10, 1e-15, lam.data(), V.data(), a.data()) ? 1 : 0;
       double top = -std::numeric_limits<double>::infinity();
       for (size_t k = 0; k < T_; ++k) top = std::max(top, lam[k]);

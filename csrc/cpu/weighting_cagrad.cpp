@@ -91,9 +91,8 @@ struct CAGradOptions {
 void cagrad_one(const double* G, const uint8_t* present, int T, const CAGradOptions& o, double* weights,
                 uint8_t* converged, int64_t* iterations, double* reg) {
   // Trace normalisation (and torchjd's absolute test: an all-zero module below norm_eps).
-  double tr = 0.0;
-  for (int k = 0; k < T; ++k) tr += G[k * T + k];
-  const double s_tr = tr > 0.0 ? tr : 1.0;
+  const double tr = dense::trace(G, T);
+  const double s_tr = dense::trace_divisor(tr);
   const bool zeroed = o.torchjd && tr < o.norm_eps;
   double gn[kDenseMax2];
   for (int i = 0; i < T * T; ++i) gn[i] = zeroed ? 0.0 : G[i] / s_tr;

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "mgs_weighting.h"
+#include "weighting_dense.h"
 #include "weighting_newton.h"
 
 namespace mgs_weighting {
@@ -20,10 +21,7 @@ void fairgrad(const double* gram, const uint8_t* present, int64_t M, int64_t T, 
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
       const double* G = gram + m * T * T;
-      double tr = 0.0;
-      for (int64_t k = 0; k < T; ++k) tr += G[k * T + k];
-      const double s = tr > 0.0 ? tr : 1.0;
-      for (int64_t i = 0; i < T * T; ++i) g[static_cast<size_t>(i)] = G[i] / s;
+      const double s = dense::trace_divisor(dense::trace_normalize(G, T, g.data()));
       double* w = weights + m * T;
       const double res = alpha_fair_one(g.data(), present + m * T, T, alpha, max_iters, nullptr, w, iterations + m,
                                         scratch);

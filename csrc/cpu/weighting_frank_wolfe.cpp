@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "mgs_weighting.h"
+#include "weighting_dense.h"
 
 namespace mgs_weighting {
 
@@ -15,10 +16,7 @@ template <int kT>
 void frank_wolfe_one(const double* G, const uint8_t* present, int64_t T_runtime, double epsilon, int64_t max_iters,
                      double* alpha, uint8_t* converged, int64_t* iterations, double* g, double* g_alpha) {
   const int64_t T = kT > 0 ? kT : T_runtime;
-  double tr = 0.0;
-  for (int64_t k = 0; k < T; ++k) tr += G[k * T + k];
-  const double s = tr > 0.0 ? tr : 1.0;
-  for (int64_t i = 0; i < T * T; ++i) g[i] = G[i] / s;  // same iterates as on G (the step is a ratio)
+  dense::trace_normalize(G, T, g);  // same iterates as on G (the step is a ratio)
   int64_t n = 0;
   for (int64_t k = 0; k < T; ++k) n += present[k] ? 1 : 0;
   for (int64_t k = 0; k < T; ++k) alpha[k] = present[k] ? 1.0 / static_cast<double>(n > 0 ? n : 1) : 0.0;

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "mgs_weighting.h"
+#include "weighting_dense.h"
 #include "weighting_newton.h"
 
 namespace mgs_weighting {
@@ -28,11 +29,7 @@ void nash_mtl(const double* gram, const uint8_t* present, int64_t M, int64_t T, 
       // A module with no task present (empty, or non-finite: see Weighting.__call__) keeps its weights.
       const bool solve_now = state_step[m] % update_every == 0 && any;
       if (solve_now) {
-        double tr = 0.0;
-        for (int64_t k = 0; k < T; ++k) tr += G[k * T + k];
-        const double s = tr > 0.0 ? tr : 1.0;
-        const double root = std::sqrt(s);
-        for (int64_t i = 0; i < T * T; ++i) g[static_cast<size_t>(i)] = G[i] / s;
+        const double root = std::sqrt(dense::trace_divisor(dense::trace_normalize(G, T, g.data())));
         // On G / tr G the solution is sqrt(tr G) times the one on G.
         for (int64_t k = 0; k < T; ++k) w0[static_cast<size_t>(k)] = alpha[k] * root;
         const double res = alpha_fair_one(g.data(), p, T, 1.0, max_iters, w0.data(), w.data(), iterations + m,

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "weighting_dense.h"
+
 namespace mgs_weighting {
 
 namespace {
@@ -32,15 +34,6 @@ inline double h_(double w, double a) {
 
 // NaN-propagating running maximum (torch.amax propagates NaN).
 inline double max_nan(double r, double x) { return (std::isnan(r) || std::isnan(x) || x > r) ? (std::isnan(r) ? r : x) : r; }
-
-// y = G x, [T] float64.
-inline void matvec(const double* G, const double* x, int64_t T, double* y) {
-  for (int64_t i = 0; i < T; ++i) {
-    double acc = 0.0;
-    for (int64_t j = 0; j < T; ++j) acc += G[i * T + j] * x[j];
-    y[i] = acc;
-  }
-}
 
 // max_i |w_i^(1/a) (G w)_i - 1| over the present tasks (0 for none).
 double residual(const double* gw, const double* w, const uint8_t* present, int64_t T, double a) {
@@ -68,44 +61,13 @@ void diagonal_start(const double* G, const uint8_t* present, int64_t T, double a
     if (valid)
       for (int64_t k = 0; k < T; ++k) w[k] = w0[k] * (present[k] ? 1.0 : 0.0);
   }
-  matvec(G, w, T, gv);
+  dense::matvec(G, w, T, gv);
   double vgv = 0.0, num = 0.0;
   for (int64_t k = 0; k < T; ++k) vgv += gv[k] * w[k];
   for (int64_t k = 0; k < T; ++k)
     if (present[k]) num += pow_(w[k] > 1e-300 ? w[k] : 1e-300, 1.0 - 1.0 / a);
   const double tau = vgv > 0.0 ? std::pow(num / vgv, a / (a + 1.0)) : 1.0;
   for (int64_t k = 0; k < T; ++k) w[k] *= tau;
-}
-
-// Cholesky A = L L^T of [T, T] A into L (lower); false where A is not positive definite (LAPACK's test).
-bool cholesky(const double* A, int64_t T, double* L) {
-  for (int64_t j = 0; j < T; ++j) {
-    double d = A[j * T + j];
-    for (int64_t k = 0; k < j; ++k) d -= L[j * T + k] * L[j * T + k];
-    if (!(d > 0.0)) return false;
-    const double ljj = std::sqrt(d);
-    L[j * T + j] = ljj;
-    for (int64_t i = j + 1; i < T; ++i) {
-      double s = A[i * T + j];
-      for (int64_t k = 0; k < j; ++k) s -= L[i * T + k] * L[j * T + k];
-      L[i * T + j] = s / ljj;
-    }
-  }
-  return true;
-}
-
-// x = (L L^T)^-1 b, in place on x = b.
-void cholesky_solve(const double* L, int64_t T, double* x) {
-  for (int64_t i = 0; i < T; ++i) {
-    double s = x[i];
-    for (int64_t k = 0; k < i; ++k) s -= L[i * T + k] * x[k];
-    x[i] = s / L[i * T + i];
-  }
-  for (int64_t i = T - 1; i >= 0; --i) {
-    double s = x[i];
-    for (int64_t k = i + 1; k < T; ++k) s -= L[k * T + i] * x[k];
-    x[i] = s / L[i * T + i];
-  }
 }
 
 }  // namespace
@@ -119,7 +81,7 @@ double alpha_fair_one(const double* G, const uint8_t* present, int64_t T, double
   double* w = s.w.data();
   double* gw = s.gw.data();
   diagonal_start(G, present, T, a, w0, w, gw);
-  matvec(G, w, T, gw);
+  dense::matvec(G, w, T, gw);
   double res = residual(gw, w, present, T, a);
   bool done = res <= kDone;
   for (int64_t k = 0; k < T; ++k) s.best[k] = w[k];
@@ -142,15 +104,15 @@ double alpha_fair_one(const double* G, const uint8_t* present, int64_t T, double
       }
     // A Hessian that fails Cholesky leaves the module where it is for every later iteration (the torch
     // code's move mask): stopping here is the same result.
-    if (!cholesky(s.hess.data(), T, s.chol.data())) break;
+    if (!dense::cholesky(s.hess.data(), T, 0.0, s.chol.data())) break;
     for (int64_t k = 0; k < T; ++k) s.delta[k] = s.grad[k];
-    cholesky_solve(s.chol.data(), T, s.delta.data());
+    dense::chol_solve(s.chol.data(), T, s.delta.data());
     double lam2 = 0.0;
     for (int64_t k = 0; k < T; ++k) {
       s.delta[k] *= present[k] ? 1.0 : 0.0;
       lam2 += s.grad[k] * s.delta[k];
     }
-    matvec(G, s.delta.data(), T, s.gd.data());
+    dense::matvec(G, s.delta.data(), T, s.gd.data());
     double q1 = 0.0, q2 = 0.0;
     for (int64_t k = 0; k < T; ++k) q1 += s.delta[k] * gw[k];
     for (int64_t k = 0; k < T; ++k) q2 += s.delta[k] * s.gd[k];
@@ -182,7 +144,7 @@ double alpha_fair_one(const double* G, const uint8_t* present, int64_t T, double
       }
     }
     for (int64_t k = 0; k < T; ++k) w[k] = w[k] - step * s.delta[k];
-    matvec(G, w, T, gw);
+    dense::matvec(G, w, T, gw);
     ++iters;
     res = residual(gw, w, present, T, a);
     // The best iterate is returned: on an ill-conditioned module rounding can make a late step worse.

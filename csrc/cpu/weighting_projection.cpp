@@ -22,9 +22,8 @@ using dense::kDenseMax2;
 // of C, or reg_eps).
 double regularized_cosine(const double* G, const uint8_t* present, int T, bool auto_reg, double reg_eps, double* A,
                           double* d) {
-  double tr = 0.0;
-  for (int k = 0; k < T; ++k) tr += G[k * T + k];
-  const double s = tr > 0.0 ? tr : 1.0;
+  const double tr = dense::trace(G, T);
+  const double s = dense::trace_divisor(tr);
   for (int k = 0; k < T; ++k) d[k] = present[k] ? std::sqrt(std::fmax(G[k * T + k] / s, 0.0)) : 1.0;
   for (int i = 0; i < T; ++i)
     for (int j = 0; j < T; ++j)
@@ -37,9 +36,8 @@ double regularized_cosine(const double* G, const uint8_t* present, int T, bool a
 // torchjd_gram: G / tr G (all zeros when tr G < norm_eps) plus reg_eps I on the present tasks, absent tasks
 // isolated unit coordinates. A [T, T] out.
 void torchjd_gram(const double* G, const uint8_t* present, int T, double norm_eps, double reg_eps, double* A) {
-  double tr = 0.0;
-  for (int k = 0; k < T; ++k) tr += G[k * T + k];
-  const double s = tr > 0.0 ? tr : 1.0;
+  const double tr = dense::trace(G, T);
+  const double s = dense::trace_divisor(tr);
   const bool zeroed = tr < norm_eps;
   for (int i = 0; i < T; ++i)
     for (int j = 0; j < T; ++j) {

@@ -9,30 +9,9 @@
 #include <vector>
 
 #include "mgs_weighting.h"
+#include "weighting_dense.h"
 
 namespace mgs_weighting {
-
-namespace {
-
-// Lower Cholesky factor of B - shift I into L [T, T] (only the lower triangle is read later); false when a
-// pivot is not positive (or NaN), as LAPACK's potrf reports failure.
-bool cholesky(const double* B, int64_t T, double shift, double* L) {
-  for (int64_t j = 0; j < T; ++j) {
-    double d = B[j * T + j] - shift;
-    for (int64_t k = 0; k < j; ++k) d -= L[j * T + k] * L[j * T + k];
-    if (!(d > 0.0)) return false;
-    const double ljj = std::sqrt(d);
-    L[j * T + j] = ljj;
-    for (int64_t i = j + 1; i < T; ++i) {
-      double s = B[i * T + j];
-      for (int64_t k = 0; k < j; ++k) s -= L[i * T + k] * L[j * T + k];
-      L[i * T + j] = s / ljj;
-    }
-  }
-  return true;
-}
-
-}  // namespace
 
 void pinv_solve_one(const double* A, const uint8_t* present, const double* x, int64_t T, double input_eps,
                     const JacobiSchedule& schedule, double* out, uint8_t* converged, int64_t* rank,
@@ -58,17 +37,10 @@ void pinv_solve_one(const double* A, const uint8_t* present, const double* x, in
       n += present[i] ? 1 : 0;
     }
     const double shift = (4.0 * static_cast<double>(T) * input_eps) * tr;
-    if (tr > 0.0 && cholesky(iso.data(), T, shift, L) && cholesky(iso.data(), T, 0.0, L)) {
-      for (int64_t i = 0; i < T; ++i) {  // L y = x
-        double s = x[i];
-        for (int64_t k = 0; k < i; ++k) s -= L[i * T + k] * y[k];
-        y[i] = s / L[i * T + i];
-      }
-      for (int64_t i = T - 1; i >= 0; --i) {  // L^T z = y
-        double s = y[i];
-        for (int64_t k = i + 1; k < T; ++k) s -= L[k * T + i] * out[k];
-        out[i] = s / L[i * T + i];
-      }
+    // iso - shift I passes the test (A + (-shift) is A - shift exactly), then iso itself is factored.
+    if (tr > 0.0 && dense::cholesky(iso.data(), T, -shift, L) && dense::cholesky(iso.data(), T, 0.0, L)) {
+      for (int64_t i = 0; i < T; ++i) out[i] = x[i];
+      dense::chol_solve(L, T, out);
       for (int64_t i = 0; i < T; ++i) out[i] = present[i] ? out[i] : 0.0;
       *converged = 1;
       *rank = n;
@@ -111,10 +83,7 @@ void imtl_g(const double* gram, const uint8_t* present, int64_t M, int64_t T, bo
     for (int64_t m = 0; m < M; ++m) {
       const double* G = gram + m * T * T;
       double* w = weights + m * T;
-      double tr = 0.0;
-      for (int64_t k = 0; k < T; ++k) tr += G[k * T + k];
-      const double s = tr > 0.0 ? tr : 1.0;
-      for (size_t i = 0; i < T_ * T_; ++i) g[i] = G[i] / s;
+      const double tr = dense::trace_normalize(G, T, g.data());
       for (size_t k = 0; k < T_; ++k) d[k] = std::sqrt(std::max(g[k * T_ + k], 0.0));
       // v = (G / tr G)^+ sqrt(diag G / tr G); W = v / sum v, 0 where |sum v| < 1e-12.
       pinv_solve_one(g.data(), present + m * T, d.data(), T, input_eps, schedule, v.data(), converged + m, rank + m,
@@ -142,10 +111,7 @@ void config(const double* gram, const uint8_t* present, const double* pref, int6
       const double* G = gram + m * T * T;
       const uint8_t* p = present + m * T;
       double* w = weights + m * T;
-      double tr = 0.0;
-      for (int64_t k = 0; k < T; ++k) tr += G[k * T + k];
-      const double s = tr > 0.0 ? tr : 1.0;
-      for (size_t i = 0; i < T_ * T_; ++i) g[i] = G[i] / s;
+      dense::trace_normalize(G, T, g.data());
       // _common.cosine(absent_diag=0): d = |g_k| (1 on absent tasks), C = G / (d d^T) on the present tasks with
       // an exact unit diagonal, 0 elsewhere.
       for (size_t k = 0; k < T_; ++k) d[k] = p[k] ? std::sqrt(std::max(g[k * T_ + k], 0.0)) : 1.0;

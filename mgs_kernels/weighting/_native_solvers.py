@@ -53,8 +53,9 @@ def outputs(M: int, T: int, device: torch.device) -> Tuple[torch.Tensor, torch.T
             torch.zeros(M, dtype=torch.bool, device=device), torch.full((M,), -1, dtype=torch.int64, device=device))
 
 
-def reg_output(M: int, device: torch.device) -> torch.Tensor:
-    """float64 [M] for a solver to write the regularisation it used into, poisoned (NaN)."""
+def module_output(M: int, device: torch.device) -> torch.Tensor:
+    """float64 [M] for a solver to write one number per module into (the regularisation it used, the
+    residual it reached), poisoned (NaN)."""
     return torch.full((M,), float("nan"), dtype=torch.float64, device=device)
 
 

@@ -18,7 +18,7 @@ from typing import Dict, Optional
 import torch
 
 from ._common import cosine, eye_like, restrict, trace_normalize
-from ._native_solvers import inputs, lcp_solver, outputs, reg_output, threads
+from ._native_solvers import inputs, lcp_solver, outputs, module_output, threads
 from ._qp import auto_regularization, default_max_pivots, solve_lcp
 
 
@@ -66,7 +66,7 @@ def project_dual_cone(
         u = U.to(torch.float64).contiguous()
         v = torch.full((M, R, T), float("nan"), dtype=torch.float64, device=g.device)
         _, conv, iters = outputs(M, T, g.device)
-        delta = reg_output(M, g.device)
+        delta = module_output(M, g.device)
         torchjd = compat == "torchjd"
         auto_reg = reg_eps is None and not torchjd
         mod.dual_cone_projection(g.data_ptr(), p.data_ptr(), u.data_ptr(), M, R, T, torchjd, float(norm_eps), auto_reg,

@@ -8,7 +8,7 @@ import torch
 
 from ._common import (COMPAT_CHOICES, all_done, check_choice, check_float, check_int, cosine, host_shortcuts,
                       matvec, mean_weights, quad, trace_normalize)
-from ._native_solvers import inputs, lcp_solver, outputs, reg_output, threads
+from ._native_solvers import inputs, lcp_solver, outputs, module_output, threads
 from ._qp import auto_regularization, default_max_pivots, solve_lcp
 from .base import State, Weighting, register
 
@@ -89,7 +89,7 @@ class CAGradWeighting(Weighting):
         g, p = inputs(gram, present)
         M, T, _ = g.shape
         w, conv, iters = outputs(M, T, g.device)
-        delta = reg_output(M, g.device)
+        delta = module_output(M, g.device)
         max_pivots = self.max_pivots if self.max_pivots is not None else default_max_pivots(T)
         mod.cagrad(g.data_ptr(), p.data_ptr(), M, T, self.c, self.norm_eps, self.compat == "torchjd",
                    self.reg_eps is None, 0.0 if self.reg_eps is None else self.reg_eps, self.max_iters, max_pivots,

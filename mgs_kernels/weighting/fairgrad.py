@@ -8,7 +8,7 @@ from typing import Dict, Optional
 import torch
 
 from ._common import check_float, check_int, mean_weights, trace_normalize
-from ._native_solvers import inputs, native_solver, outputs, threads
+from ._native_solvers import inputs, module_output, native_solver, outputs, threads
 from ._newton import alpha_fair, unsolved_to_zero
 from .base import State, Weighting, register
 
@@ -51,7 +51,7 @@ class FairGradWeighting(Weighting):
             g, p = inputs(gram, present)
             M, T, _ = g.shape
             w, conv, iters = outputs(M, T, g.device)
-            res = torch.full((M,), float("nan"), dtype=torch.float64)
+            res = module_output(M, g.device)
             mod.fairgrad(g.data_ptr(), p.data_ptr(), M, T, self.alpha, self.max_iters, w.data_ptr(), conv.data_ptr(),
                          res.data_ptr(), iters.data_ptr(), threads())
             info["converged"] = conv

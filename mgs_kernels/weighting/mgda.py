@@ -9,7 +9,7 @@ from typing import Dict, Optional
 import torch
 
 from ._common import all_done, check_choice, check_float, check_int, matvec, mean_weights, trace_normalize
-from ._native_solvers import inputs, lcp_solver, native_solver, outputs, reg_output, threads
+from ._native_solvers import inputs, lcp_solver, native_solver, outputs, module_output, threads
 from ._projection import regularized_cosine
 from ._qp import default_max_pivots, solve_lcp
 from .base import State, Weighting, register
@@ -108,7 +108,7 @@ def min_norm_point(gram: torch.Tensor, present: torch.Tensor, *, reg_eps: Option
         g, p = inputs(gram, present)
         M, T, _ = g.shape
         w, conv, iters = outputs(M, T, g.device)
-        delta = reg_output(M, g.device)
+        delta = module_output(M, g.device)
         mod.mgda_min_norm(g.data_ptr(), p.data_ptr(), M, T, reg_eps is None, 0.0 if reg_eps is None else float(reg_eps),
                           max_pivots if max_pivots is not None else default_max_pivots(T), w.data_ptr(),
                           conv.data_ptr(), iters.data_ptr(), delta.data_ptr(), threads())

@@ -9,7 +9,7 @@ import torch
 
 from .._errors import MGSInputError
 from ._common import check_float, check_int, quad, trace_normalize
-from ._native_solvers import inputs, native_solver, outputs, threads
+from ._native_solvers import inputs, module_output, native_solver, outputs, threads
 from ._newton import alpha_fair, unsolved_to_zero
 from .base import State, Weighting, register
 
@@ -89,7 +89,7 @@ class NashMTLWeighting(Weighting):
         g, p = inputs(gram, present)
         M, T, _ = g.shape
         w, conv, iters = outputs(M, T, g.device)
-        res = torch.full((M,), float("nan"), dtype=torch.float64)
+        res = module_output(M, g.device)
         mod.nash_mtl(g.data_ptr(), p.data_ptr(), M, T, self.max_norm, self.update_weights_every, self.optim_niter,
                      state["alpha"].data_ptr(), state["step"].data_ptr(), w.data_ptr(), conv.data_ptr(),
                      res.data_ptr(), iters.data_ptr(), threads())
