@@ -138,21 +138,7 @@ def _solve(gn, present, p, b, g0sq, rho, *, reg_eps, max_iters, max_pivots):
         dn = quad(gr, w_t).clamp_min(0.0).sqrt()
         lo = torch.where(done | (dn <= t), lo, t)
         hi = torch.where(done | (dn > t), hi, t)
-        # Closed form on the support F of w(t): w = x1/s1 + (t/rho) q with q = (s2/s1) x1 - x2,
-        # H x1 = 1_F, H x2 = b_F (H = G_FF), and t^2 = 1/s1 + (t/rho)^2 q^T H q.
-        f = (z > 0).to(dt) * p
-        H = gr * (f[:, :, None] * f[:, None, :]) + torch.diag_embed(1.0 - f)
-        chol, st = torch.linalg.cholesky_ex(H)
-        rhs = torch.stack((f, b * f), dim=2)
-        x = torch.cholesky_solve(rhs, chol)
-        x1, x2 = x[:, :, 0] * f, x[:, :, 1] * f
-        s1, s2 = x1.sum(dim=1), x2.sum(dim=1)
-        s1_safe = torch.where(s1 > 0, s1, one)
-        qv = (s2 / s1_safe)[:, None] * x1 - x2
-        qn = quad(gr, qv)
-        den = 1.0 - qn / (rho_safe * rho_safe)
-        ok = (st == 0) & (s1 > 0) & (den > 0)
-        t_star = (1.0 / (s1_safe * torch.where(ok, den, one))).sqrt()
+        ok, t_star, w_star = _closed_form(gr, (z > 0).to(dt) * p, b, rho_safe)
         inside = ok & (t_star >= lo - slack) & (t_star <= hi + slack)
         converged_now = ok & ((t_star - t).abs() <= slack)
         # The supports on either side of the answer can send the closed form back to the t tried
@@ -160,7 +146,6 @@ def _solve(gn, present, p, b, g0sq, rho, *, reg_eps, max_iters, max_pivots):
         cycle = (t_star - t_prev).abs() <= slack
         t_next = torch.where(inside & ~cycle, torch.minimum(torch.maximum(t_star, lo), hi), 0.5 * (lo + hi))
         t_prev = t
-        w_star = x1 / s1_safe[:, None] + (t_star / rho_safe)[:, None] * qv
         w = torch.where((converged_now & ~done)[:, None], w_star, w)
         done = done | converged_now
         t = torch.where(done, t, t_next)
@@ -168,6 +153,24 @@ def _solve(gn, present, p, b, g0sq, rho, *, reg_eps, max_iters, max_pivots):
     # is rounding that made G indefinite (float32 Grams of singular families), whose bias the polish removes.
     w = _polish(gn, p, b, rho_safe, w, done & (delta > 1e-12))
     return w, done, iters, delta
+
+
+def _closed_form(g, f, b, rho_safe):
+    """The answer on the support f [M, T] (0/1) for the Gram g: w = x1/s1 + (t/rho) q with q = (s2/s1) x1 - x2,
+    H x1 = 1_F, H x2 = b_F (H = g_FF), and t^2 = 1/s1 + (t/rho)^2 q^T H q. (ok [M], t* [M], w* [M, T]); ok is
+    False where H fails Cholesky or t* has no real solution (t* and w* are then meaningless)."""
+    one = torch.ones((), dtype=g.dtype, device=g.device)
+    H = g * (f[:, :, None] * f[:, None, :]) + torch.diag_embed(1.0 - f)
+    chol, st = torch.linalg.cholesky_ex(H)
+    x = torch.cholesky_solve(torch.stack((f, b * f), dim=2), chol)
+    x1, x2 = x[:, :, 0] * f, x[:, :, 1] * f
+    s1, s2 = x1.sum(dim=1), x2.sum(dim=1)
+    s1_safe = torch.where(s1 > 0, s1, one)
+    qv = (s2 / s1_safe)[:, None] * x1 - x2
+    den = 1.0 - quad(g, qv) / (rho_safe * rho_safe)
+    ok = (st == 0) & (s1 > 0) & (den > 0)
+    t_star = (1.0 / (s1_safe * torch.where(ok, den, one))).sqrt()
+    return ok, t_star, x1 / s1_safe[:, None] + (t_star / rho_safe)[:, None] * qv
 
 
 def _polish(gn, p, b, rho_safe, w, mask):
@@ -181,17 +184,8 @@ def _polish(gn, p, b, rho_safe, w, mask):
     dt = gn.dtype
     one = torch.ones((), dtype=dt, device=gn.device)
     f = (w > 0).to(dt) * p
-    H = gn * (f[:, :, None] * f[:, None, :]) + torch.diag_embed(1.0 - f)
-    chol, st = torch.linalg.cholesky_ex(H)
-    x = torch.cholesky_solve(torch.stack((f, b * f), dim=2), chol)
-    x1, x2 = x[:, :, 0] * f, x[:, :, 1] * f
-    s1, s2 = x1.sum(dim=1), x2.sum(dim=1)
-    s1_safe = torch.where(s1 > 0, s1, one)
-    qv = (s2 / s1_safe)[:, None] * x1 - x2
-    den = 1.0 - quad(gn, qv) / (rho_safe * rho_safe)
-    ok = (st == 0) & (s1 > 0) & (den > 0)
-    t_star = (1.0 / (s1_safe * torch.where(ok, den, one))).sqrt()
-    wp = (x1 / s1_safe[:, None] + (t_star / rho_safe)[:, None] * qv) * f
+    ok, _, wp = _closed_form(gn, f, b, rho_safe)
+    wp = wp * f
 
     def objective(v):
         vb, vn = (v * b).sum(dim=1), rho_safe * quad(gn, v).clamp_min(0.0).sqrt()
